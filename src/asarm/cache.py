@@ -1,0 +1,80 @@
+"""Exact content cache for chain sampling (DESIGN §2 "Exact caching").
+
+With fixed ranks, a content state depends only on tokens of lower rank, which never change once
+decoded. So the keys and values of every committed content row stay valid for the rest of the
+run and each pass computes only its new rows. Buffers are allocated once per run:
+
+    keys[layer], values[layer]: [B, capacity, n_head, d_head]
+    key_pos, key_rank:          [B, capacity]
+    length:                     [B] committed slots per row
+
+A pass writes its new content rows after each row's committed slots (``write_slots`` and
+``write_layer``), attends to slots ``[0, max(length) + N)`` and afterwards ``commit`` keeps, per
+row, a prefix of the new rows: accepted drafts are committed straight from the oracle pass, and
+rejected ones are simply overwritten by the next pass (their key rank is reset to ``NO_KEY`` so
+no row can see them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import NO_KEY
+
+
+class ContentCache:
+    def __init__(self, model, batch_size: int, capacity: int):
+        cfg = model.config
+        shape = (batch_size, capacity, cfg.n_head, cfg.d_head)
+        kw = dict(device=model.device, dtype=model.dtype)
+        self.keys = [torch.zeros(shape, **kw) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, **kw) for _ in range(cfg.n_layer)]
+        self.key_pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=model.device)
+        self.key_rank = torch.full((batch_size, capacity), NO_KEY, dtype=torch.long, device=model.device)
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+        self.capacity = capacity
+        self._slots = None
+        self._span = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_pos.shape[0]
+
+    def nbytes_per_slot(self) -> int:
+        k = self.keys[0]
+        return 2 * len(self.keys) * k.shape[2] * k.shape[3] * k.element_size()
+
+    def write_slots(self, content_pos: torch.Tensor, content_rank: torch.Tensor):
+        """Place this pass's new content rows; returns (key_pos, key_rank) over the attended span."""
+        B, N = content_pos.shape
+        self._slots = self.length[:, None] + torch.arange(N, device=self.length.device)
+        self._span = int((self.length.max() + N).item())
+        if self._span > self.capacity:
+            raise RuntimeError(f"content cache overflow ({self._span} > {self.capacity} slots)")
+        rows = torch.arange(B, device=self.length.device)[:, None]
+        self.key_pos[rows, self._slots] = content_pos.long()
+        self.key_rank[rows, self._slots] = content_rank.long()
+        return self.key_pos[:, : self._span], self.key_rank[:, : self._span]
+
+    def write_layer(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        rows = torch.arange(k_new.shape[0], device=k_new.device)[:, None]
+        self.keys[layer][rows, self._slots] = k_new
+        self.values[layer][rows, self._slots] = v_new
+        return self.keys[layer][:, : self._span], self.values[layer][:, : self._span]
+
+    def commit(self, kept: torch.Tensor) -> None:
+        """Keep the first ``kept[b]`` new rows of the last pass for each row b; forget the rest."""
+        kept = kept.to(self.length.device).long()
+        new_len = self.length + kept
+        slots = torch.arange(self._span, device=self.length.device)
+        forget = (slots[None, :] >= new_len[:, None]) & (slots[None, :] < self._span)
+        self.key_rank[:, : self._span][forget] = NO_KEY
+        self.length = new_len
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished rows stop costing compute)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.key_pos = self.key_pos[rows]
+        self.key_rank = self.key_rank[rows]
+        self.length = self.length[rows]

@@ -1,0 +1,13 @@
+"""Exceptions that carry a user-facing message (the CLI prints them as one line, exit code 2)."""
+
+
+class ASARMError(ValueError):
+    """Base class for errors caused by the caller's input, not by a bug."""
+
+
+class CheckpointError(ASARMError):
+    """A checkpoint directory, config or weight file is missing, corrupt or mismatched."""
+
+
+class InputError(ASARMError):
+    """Token ids, masks, options or text that cannot be used."""

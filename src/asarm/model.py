@@ -1,0 +1,256 @@
+"""The AS-ARM network: a two-stream transformer with XLNet's relative attention.
+
+Parameter names and maths follow `transformers`' ``XLNetLMHeadModel`` (attn_type "bi", no memory,
+no bi_data, one segment), so published XLNet/AS-ARM checkpoints load without conversion. What
+differs is the interface: callers describe a pass by *rows* rather than by dense L x L masks.
+
+A pass has two kinds of rows, processed by the same layers in one batch:
+- content rows (the content stream h): a token at a position, with a rank. Each produces keys
+  and values at every layer; it sees every key of rank <= its own.
+- query rows (the query stream g): a position with a rank and no token. It sees every key of
+  rank < its own; its final state gives the logits p(x_pos | keys it sees).
+Visible tokens have rank 0; hidden positions get ranks 1..m in decoding order (DESIGN §1).
+A key is visible to a row iff ``key_rank < row_limit``, with limit = rank + 1 for content rows
+and limit = rank for query rows, so one comparison builds every mask.
+
+Keys can come from this pass alone (full recompute, training) or from a ``ContentCache`` that
+holds the keys and values of earlier passes (see ``cache.py``): both give the same numbers.
+
+One deliberate difference from `transformers`: a query row that may see no key at all (the first
+hidden token when nothing is visible) gets a zero attention output. `transformers` would average
+over *every* position instead, which makes p(x_first) depend on tokens that are supposed to be
+invisible and breaks exact chain sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ASARMConfig
+
+# Rank of a key slot that no row may see (padding, uncommitted cache slots).
+NO_KEY = 2**40
+# Additive attention bias for keys a row may not see; finite so fully masked rows stay finite.
+MASKED_SCORE = -1e30
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def sinusoid(positions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """XLNet's sinusoidal embedding of (relative) positions: [P] -> [P, d_model]."""
+    freq = torch.arange(0, d_model, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1 / torch.pow(10000, freq / d_model)
+    angles = positions.float()[:, None] * inv_freq
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class RelativeAttention(nn.Module):
+    """XLNet's relative attention; parameter shapes [d_model, n_head, d_head] as in `transformers`."""
+
+    def __init__(self, config: ASARMConfig):
+        super().__init__()
+        d, n, dh = config.d_model, config.n_head, config.d_head
+        self.n_head, self.d_head = n, dh
+        self.scale = 1 / math.sqrt(dh)
+        for name in ("q", "k", "v", "o", "r"):
+            setattr(self, name, nn.Parameter(torch.empty(d, n, dh)))
+        self.r_r_bias = nn.Parameter(torch.empty(n, dh))
+        self.r_s_bias = nn.Parameter(torch.empty(n, dh))  # segment term: unused with one segment
+        self.r_w_bias = nn.Parameter(torch.empty(n, dh))
+        self.seg_embed = nn.Parameter(torch.empty(2, n, dh))  # kept so checkpoints round-trip
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[B, T, d_model] @ [d_model, n, dh] -> [B, T, n, dh]."""
+        return (x @ weight.flatten(1)).unflatten(-1, (self.n_head, self.d_head))
+
+    def forward(self, x, keys, values, bias_parts, rel_table):
+        """x: rows [B, T, d]; keys/values [B, K, n, dh]; returns new rows [B, T, d].
+
+        bias_parts = (rel_index [B, T, K], allowed [B, T, K], has_key [B, T]).
+        """
+        rel_index, allowed, has_key = bias_parts
+        B, T, _ = x.shape
+        q = self.project(x, self.q).transpose(1, 2)  # [B, n, T, dh]
+        # Position term: score every row against the whole table of relative distances, then
+        # pick the distance of each (row, key) pair. Cheap when T is small (cached passes).
+        pos_scores = torch.einsum("bntd,rnd->bntr", q + self.r_r_bias[:, None], rel_table)
+        index = rel_index[:, None].expand(B, self.n_head, T, rel_index.shape[-1])
+        bias = pos_scores.gather(-1, index) * self.scale
+        bias = bias.masked_fill(~allowed[:, None], MASKED_SCORE)
+        attn = F.scaled_dot_product_attention(
+            q + self.r_w_bias[:, None],
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=bias,
+            dropout_p=self.dropout.p if self.training else 0.0,
+            scale=self.scale,
+        )
+        attn = attn * has_key[:, None, :, None].to(attn.dtype)
+        out = attn.transpose(1, 2).flatten(2) @ self.o.flatten(1).T
+        return self.layer_norm(self.dropout(out) + x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ASARMConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.layer_1 = nn.Linear(config.d_model, config.d_inner)
+        self.layer_2 = nn.Linear(config.d_inner, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = _ACTIVATIONS[config.ff_activation]
+
+    def forward(self, x):
+        y = self.dropout(self.layer_2(self.dropout(self.activation(self.layer_1(x)))))
+        return self.layer_norm(y + x)
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ASARMConfig):
+        super().__init__()
+        self.rel_attn = RelativeAttention(config)
+        self.ff = FeedForward(config)
+
+
+class Body(nn.Module):
+    """Holds the parameters under the names `transformers` gives them (``transformer.*``)."""
+
+    def __init__(self, config: ASARMConfig):
+        super().__init__()
+        self.word_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.mask_emb = nn.Parameter(torch.empty(1, 1, config.d_model))
+        self.layer = nn.ModuleList(Layer(config) for _ in range(config.n_layer))
+
+
+class ASARM(nn.Module):
+    """Any-subset autoregressive model with an XLNet-compatible two-stream transformer."""
+
+    def __init__(self, config: ASARMConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Body(config)
+        self.lm_loss = nn.Linear(config.d_model, config.vocab_size)
+        self.lm_loss.weight = self.transformer.word_embedding.weight  # tied, as in XLNet
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    # --- construction -------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """XLNet's initialisation: normal(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias") and p.dim() == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_loss.bias.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_loss.bias.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- relative positions ---------------------------------------------------------------------
+    def relative_table(self, span: int) -> list[torch.Tensor]:
+        """Per layer, the projected embedding of every relative distance in [-(span-1), span-1].
+
+        Row ``d + span - 1`` holds distance d = query position - key position. Depends only on
+        the weights, so a sampler computes it once per run and passes it to every pass.
+        """
+        distances = torch.arange(span - 1, -span, -1, device=self.device).flip(0)
+        if self.config.clamp_len > 0:
+            distances = distances.clamp(-self.config.clamp_len, self.config.clamp_len)
+        emb = self.dropout(sinusoid(distances, self.config.d_model).to(self.dtype))
+        n, dh = self.config.n_head, self.config.d_head
+        return [(emb @ layer.rel_attn.r.flatten(1)).unflatten(-1, (n, dh)) for layer in self.transformer.layer]
+
+    # --- the pass -------------------------------------------------------------------------------
+    def forward_rows(
+        self,
+        content_ids: torch.Tensor,
+        content_pos: torch.Tensor,
+        content_rank: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_rank: torch.Tensor,
+        cache=None,
+        rel_table: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One pass over new content rows and query rows; returns query-row logits [B, Q, V].
+
+        content_*: [B, N] (padding rows have rank ``NO_KEY``); query_*: [B, Q] (padding rows have
+        rank 0 and see nothing). Without ``cache`` the keys are exactly this pass's content rows.
+        With a ``ContentCache`` the new rows' keys and values are written after the row's
+        committed slots and every row attends to committed + new keys; ``cache.commit`` then keeps
+        a prefix of the new rows.
+        """
+        B, N = content_ids.shape
+        content_rank = content_rank.long()
+        query_rank = query_rank.long()
+        row_pos = torch.cat([content_pos, query_pos], dim=1).long()
+        row_limit = torch.cat([(content_rank + 1).clamp(max=NO_KEY), query_rank], dim=1)
+        if cache is None:
+            key_pos, key_rank = content_pos.long(), content_rank
+        else:
+            key_pos, key_rank = cache.write_slots(content_pos, content_rank)
+        span = int(max(row_pos.max().item(), key_pos.max().item())) + 1 if row_pos.numel() else 1
+        if rel_table is None or rel_table[0].shape[0] < 2 * span - 1:
+            rel_table = self.relative_table(span)
+        table_span = (rel_table[0].shape[0] + 1) // 2
+        rel_index = row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1)
+        allowed = key_rank[:, None, :] < row_limit[:, :, None]
+        bias_parts = (rel_index, allowed, allowed.any(-1))
+
+        h = self.dropout(self.transformer.word_embedding(content_ids))
+        g = self.dropout(self.transformer.mask_emb.expand(B, query_pos.shape[1], -1))
+        x = torch.cat([h, g], dim=1)
+        for i, layer in enumerate(self.transformer.layer):
+            attn = layer.rel_attn
+            content = x[:, :N]
+            k_new, v_new = attn.project(content, attn.k), attn.project(content, attn.v)
+            if cache is None:
+                keys, values = k_new, v_new
+            else:
+                keys, values = cache.write_layer(i, k_new, v_new)
+            x = layer.ff(attn(x, keys, values, bias_parts, rel_table[i]))
+        return self.lm_loss(self.dropout(x[:, N:]))
+
+    def chain_logits(self, input_ids: torch.Tensor, ranks: torch.Tensor, rel_table=None):
+        """Every factor of the chain in one pass, with no cache (training, scoring, references).
+
+        input_ids, ranks: [B, L]; ranks 0 = visible, 1..m = hidden in decoding order, -1 =
+        padding. Returns (logits [B, Q, V], query_pos [B, Q], query_valid [B, Q]) where the
+        query rows are each row's hidden positions, ascending in position.
+        """
+        B, L = input_ids.shape
+        ranks = ranks.long()
+        positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        content_rank = torch.where(ranks < 0, torch.full_like(ranks, NO_KEY), ranks)
+        hidden = ranks > 0
+        Q = int(hidden.sum(1).max().item()) if B else 0
+        # Stable sort puts each row's hidden positions first, in ascending position.
+        order = torch.sort((~hidden).to(torch.int8), dim=1, stable=True).indices[:, :Q]
+        query_valid = hidden.gather(1, order)
+        query_pos = order
+        query_rank = torch.where(query_valid, ranks.gather(1, order), torch.zeros_like(order))
+        logits = self.forward_rows(input_ids, positions, content_rank, query_pos, query_rank,
+                                   rel_table=rel_table)
+        return logits, query_pos, query_valid
