@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random XLNet-format models, made locally (tests never touch a hub)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing, too
+
+from asarm.config import ASARMConfig  # noqa: E402
+from asarm.model import ASARM  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(**overrides) -> ASARMConfig:
+    base = dict(vocab_size=8, d_model=16, n_layer=2, n_head=2, d_inner=32, dropout=0.0,
+                initializer_range=0.6, mask_token_id=6, pad_token_id=5, eos_token_id=2)
+    base.update(overrides)
+    return ASARMConfig(**base)
+
+
+def tiny_model(seed: int = 0, **overrides) -> ASARM:
+    torch.manual_seed(seed)
+    return ASARM(tiny_config(**overrides)).eval()
+
+
+def hf_reference(model: ASARM):
+    """`transformers`' XLNetLMHeadModel with our weights: the independent numerical reference."""
+    from transformers import XLNetConfig, XLNetLMHeadModel
+
+    cfg = {k: v for k, v in model.config.to_dict().items() if k != "architectures"}
+    hf = XLNetLMHeadModel(XLNetConfig(**cfg)).eval()
+    hf.load_state_dict(model.state_dict())
+    return hf.to(model.dtype)
+
+
+@pytest.fixture
+def model() -> ASARM:
+    return tiny_model()
