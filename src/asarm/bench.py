@@ -1,0 +1,247 @@
+"""``asarm bench``: samplers side by side in one process, same checkpoint, same inputs.
+
+Configurations (DESIGN §2): full-recompute sequential (the paper's serial baseline), full-
+recompute ASSD (the paper's ASSD), cached sequential, cached ASSD (self and n-gram drafts),
+batched cached ASSD. Every configuration is timed the same way, on *windows* of passes spread
+over the run: the rows are fast-forwarded to 0%, 20%, 40%, 60% and 80% of their hidden tokens
+decoded (decoded tokens drawn at random: the cost of a pass depends on how many tokens are
+known, not on which), one untimed pass absorbs the prefill, then ``--window`` passes are timed.
+tokens/s = tokens decoded in the windows / time spent in them. This keeps the O(n^2) baseline
+affordable at L = 1024 while weighting early (cheap) and late (dear) passes alike; ``--full``
+times whole runs instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ASARMConfig
+from .devices import resolve_device, resolve_dtype
+from .errors import InputError
+from .model import ASARM
+from .sampling import TargetDistribution, _Engine, _Row, _row_seed
+from .ranks import decoding_order
+
+XLNET_BASE = dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, d_inner=3072, dropout=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    method: str
+    draft: str = "self"
+    cache: bool = True
+    batch: int = 1
+    k: int = 5
+
+
+def default_configs(k: int, batches: list[int]) -> list[Config]:
+    configs = [
+        Config("full-recompute sequential", "sequential", cache=False, k=1),
+        Config("full-recompute ASSD", "assd", cache=False, k=k),
+        Config("cached sequential", "sequential", k=1),
+        Config("cached ASSD self", "assd", k=k),
+        Config("cached ASSD n-gram", "assd", draft="ngram", k=k),
+    ]
+    configs += [Config(f"batched cached ASSD B={b}", "assd", batch=b, k=k) for b in batches]
+    return configs
+
+
+def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int):
+    """[batch, L] random visible tokens and a hidden mask: '95%' hides 95% of positions
+    uniformly; '50%-spans' hides random spans covering half the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    ids[ids == mask_id] = (mask_id + 1) % vocab
+    masked = torch.zeros(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        if setting == "95%":
+            masked[b, torch.randperm(length, generator=g)[: round(0.95 * length)]] = True
+        elif setting == "50%-spans":
+            while masked[b].sum() < length // 2:
+                span = int(torch.randint(4, 33, (1,), generator=g))
+                start = int(torch.randint(0, length, (1,), generator=g))
+                masked[b, start : start + span] = True
+        else:
+            raise InputError(f"unknown setting {setting!r} (use 95% or 50%-spans)")
+    return ids, masked
+
+
+def build_rows(model, ids, masked, cfg: Config, seed: int, progress: float):
+    """Sampler rows fast-forwarded to ``progress`` of their hidden tokens decoded."""
+    target = TargetDistribution(model.config.mask_token_id)
+    rows = []
+    for b in range(ids.shape[0]):
+        gen = torch.Generator().manual_seed(_row_seed(seed, b))
+        tokens = ids[b].clone()
+        order = decoding_order(masked[b], "left-to-right")
+        tokens[masked[b]] = model.config.mask_token_id
+        row = _Row(b, tokens, ids.shape[1], order, gen, target, cfg.method, cfg.draft, cfg.k, model.config.vocab_size)
+        done = int(progress * row.m)
+        if done:
+            positions = row.order[:done]
+            fill = torch.randint(0, model.config.vocab_size, (done,), generator=gen)
+            fill[fill == model.config.mask_token_id] = 0
+            row.tokens[positions] = fill
+            row.n = done
+            row.pending = row.known_contents()
+            if row.ngram is not None:
+                row.known[positions] = True
+                row.ngram.observe(row.tokens, row.known, positions)
+        rows.append(row)
+    return rows
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_config(model, ids, masked, cfg: Config, window: int, stages, full: bool, seed: int) -> dict:
+    """Time one configuration; returns tokens, passes, rounds and seconds in the timed windows."""
+    tokens = passes = rounds = steps_total = 0
+    seconds = 0.0
+    L = ids.shape[1]
+    for progress in ([0.0] if full else stages):
+        rows = build_rows(model, ids, masked, cfg, seed, progress)
+        engine = _Engine(model, rows, L, cfg.k, cfg.cache, rows[0].target, None)
+        if not full:
+            engine.step()  # untimed: prefill of the known tokens, warm-up
+        before = [(r.n, r.nfe, r.rounds) for r in rows]
+        steps = 0
+        sync(model.device)
+        start = time.perf_counter()
+        while engine.rows and (full or steps < window):
+            engine.step()
+            steps += 1
+        sync(model.device)
+        seconds += time.perf_counter() - start
+        steps_total += steps
+        for r, (n, nfe, rd) in zip(rows, before):
+            tokens += r.n - n
+            passes += r.nfe - nfe
+            rounds += r.rounds - rd
+    return dict(tokens=tokens, passes=passes, rounds=rounds, steps=steps_total, seconds=seconds)
+
+
+def run_bench(model, lengths, settings, configs, window=6, stages=(0.0, 0.2, 0.4, 0.6, 0.8), full=False,
+              seed=0, progress_bar=True) -> list[dict]:
+    from tqdm import tqdm
+
+    records = []
+    jobs = [(L, s, c) for L in lengths for s in settings for c in configs]
+    cache_bytes_per_token = 2 * model.config.n_layer * model.config.d_model * torch.finfo(model.dtype).bits // 8
+    for L, setting, cfg in tqdm(jobs, desc="bench", disable=not progress_bar):
+        ids, masked = make_inputs(setting, L, model.config.vocab_size, model.config.mask_token_id, cfg.batch, seed)
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        stats = time_config(model, ids.to("cpu"), masked, cfg, window, stages, full, seed)
+        tok_s = stats["tokens"] / stats["seconds"] if stats["seconds"] else float("nan")
+        record = dict(length=L, setting=setting, config=cfg.name, method=cfg.method, draft=cfg.draft,
+                      cache=cfg.cache, batch=cfg.batch, k=cfg.k, **stats, tokens_per_s=tok_s,
+                      seconds_per_pass=stats["seconds"] / max(stats["steps"], 1),
+                      passes_per_token=stats["passes"] / max(stats["tokens"], 1),
+                      tokens_per_round=stats["tokens"] / max(stats["rounds"], 1),
+                      cache_bytes_per_token=cache_bytes_per_token if cfg.cache else 0)
+        if model.device.type == "cuda":
+            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(model.device)
+        records.append(record)
+    baseline = {(r["length"], r["setting"]): r["tokens_per_s"] for r in records
+                if r["config"] == "full-recompute sequential"}
+    for r in records:
+        base = baseline.get((r["length"], r["setting"]))
+        r["speedup_vs_baseline"] = r["tokens_per_s"] / base if base else None
+    return records
+
+
+def markdown_table(records) -> str:
+    lines = ["| L | setting | configuration | tokens/s | s/pass | passes/token | tokens/round | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        speed = f"{r['speedup_vs_baseline']:.1f}x" if r.get("speedup_vs_baseline") else "-"
+        lines.append(f"| {r['length']} | {r['setting']} | {r['config']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['seconds_per_pass']:.4f} | {r['passes_per_token']:.3f} | {r['tokens_per_round']:.2f} | {speed} |")
+    return "\n".join(lines)
+
+
+def plot(records, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({r["setting"] for r in records})
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for name in dict.fromkeys(r["config"] for r in records):
+            rs = [r for r in records if r["config"] == name and r["setting"] == setting]
+            ax.plot([r["length"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_title(f"hidden: {setting}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_bench_model(name: str | None, device, dtype, seed: int):
+    if name in (None, "random-base"):
+        torch.manual_seed(seed)
+        model = ASARM(ASARMConfig(**XLNET_BASE)).eval()
+        model.name_or_path = "random XLNet-base-sized weights"
+        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or torch.float32)
+    from .checkpoint import load_model
+
+    return load_model(name, device=device, dtype=dtype)
+
+
+def cmd_bench(args) -> int:
+    torch.set_grad_enabled(False)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    settings = args.settings.split(",")
+    batches = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else []
+    configs = [c for c in default_configs(args.k, batches) if not args.only or any(o in c.name for o in args.only.split(","))]
+    model = load_bench_model(args.model, args.device, args.dtype, args.seed)
+    records = run_bench(model, lengths, settings, configs, window=args.window, full=args.full, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(model=getattr(model, "name_or_path", args.model), parameters=model.num_parameters(),
+                device=str(model.device), dtype=str(model.dtype), torch=torch.__version__,
+                threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
+                window=args.window, full=args.full, timing="full runs" if args.full else
+                "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command="asarm " + " ".join(sys.argv[1:]))
+    (out / "bench.json").write_text(json.dumps(dict(meta=meta, records=records), indent=2))
+    table = markdown_table(records)
+    (out / "bench.md").write_text(table + "\n")
+    plot(records, out / "bench.png")
+    print(table)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("bench", help="time the samplers side by side (JSON + markdown + PNG)")
+    p.add_argument("--model", default="random-base", help="'random-base' (XLNet-base-sized random weights) or a model")
+    p.add_argument("--lengths", default="128,256,512,1024")
+    p.add_argument("--settings", default="95%,50%-spans", help="95%% (paper) and/or 50%%-spans")
+    p.add_argument("--batch-sizes", default="8,32", help="batched cached ASSD sizes ('' for none)")
+    p.add_argument("--only", default=None, help="comma-separated substrings of configuration names to run")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--window", type=int, default=6, help="timed passes per window")
+    p.add_argument("--full", action="store_true", help="time whole runs instead of windows")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/bench")
+    p.set_defaults(func=cmd_bench)
