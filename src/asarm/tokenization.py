@@ -1,0 +1,159 @@
+"""Tokenizers for AS-ARMs: loading, training, and an exact text <-> ids round trip.
+
+Two kinds of tokenizer meet this package:
+
+- Tokenizers we train (``train_tokenizer``): byte-level BPE with no normalizer and
+  ``add_prefix_space=False``, so ``decode(tok, encode(tok, s)) == s`` for EVERY string ``s``:
+  no lowercasing, no added or dropped spaces, tabs, newlines and runs of spaces kept as they are
+  (what code needs). Special tokens use XLNet's ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 (eos),
+  ``<cls>`` 3, ``<sep>`` 4, ``<pad>`` 5, ``<mask>`` 6. The tokenizer has no post-processor, so
+  even ``tokenizer(text)`` adds no special tokens; ``encode`` below passes
+  ``add_special_tokens=False`` anyway, so any tokenizer behaves the same.
+- XLNet's SentencePiece tokenizer (published checkpoints). Its round trip is exact only up to
+  SentencePiece normalisation: runs of spaces may collapse, a leading space is dropped and each
+  separately encoded segment starts a new word ("▁"). The published code tokenizer adds
+  special tokens for newline, tab and runs of spaces, which ``decode`` keeps (it skips nothing).
+
+Always use ``encode`` / ``decode`` from this module for infilling text: they add no special
+tokens, treat a literal ``"<mask>"`` in the text as text (never as a hole), and decode with
+``clean_up_tokenization_spaces=False`` and ``skip_special_tokens=False``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .errors import CheckpointError, InputError
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>")
+# Files whose presence means "this directory has a tokenizer".
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+KINDS = ("text", "code")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory`` (``AutoTokenizer``, local files only), or None when
+    the directory holds no tokenizer files. Corrupt or incomplete files raise CheckpointError."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: tokenizer directory does not exist")
+    if not has_tokenizer_files(directory):
+        return None
+    tok_json = directory / "tokenizer.json"
+    if tok_json.is_file():
+        try:
+            json.loads(tok_json.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{tok_json}: corrupt tokenizer file, not valid JSON ({exc})") from None
+    cfg = directory / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{cfg}: corrupt tokenizer config, not valid JSON ({exc})") from None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for bad files
+        raise CheckpointError(
+            f"{directory}: could not load the tokenizer files ({type(exc).__name__}: {exc})"
+        ) from None
+    if isinstance(tokenizer, bool) or tokenizer is None:
+        raise CheckpointError(f"{directory}: could not load the tokenizer files")
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str = "text"):
+    """Train a byte-level BPE tokenizer on ``texts``; returns a ``PreTrainedTokenizerFast``.
+
+    ``vocab_size`` counts the 7 special tokens and the 256 byte symbols, so it must be at least
+    263. ``kind`` is "text" or "code"; both keep every byte of the input (the round trip is exact
+    for any string), "code" additionally splits digits singly and isolates runs of newlines so
+    that indentation runs are learned as tokens of their own. Encoding adds no special tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in KINDS:
+        raise InputError(f"unknown tokenizer kind {kind!r}: use 'text' or 'code'")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    minimum = len(SPECIAL_TOKENS) + len(alphabet)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise InputError(f"vocab_size must be an integer >= {minimum} (7 special tokens + 256 bytes), got {vocab_size!r}")
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "code":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            # runs of newlines on their own (never merged with the next line's indentation)
+            pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            byte_level,
+        ])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    texts = (t for t in texts if t)
+    tok.train_from_iterator(texts, trainer=trainer)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:
+            raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {i}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<cls>",
+        sep_token="<sep>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text``: no special tokens added, literal special-token strings in the text
+    (e.g. "<mask>") encoded as ordinary text."""
+    if not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    if not text:
+        return []
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    except TypeError:  # tokenizers that do not know split_special_tokens
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    return [int(i) for i in ids]
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    """Text of ``ids``: nothing skipped, no clean-up of spaces (exact inverse of ``encode`` for
+    our byte-level tokenizers)."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    ids = [int(i) for i in ids]
+    if not ids:
+        return ""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def mask_token_id(tokenizer) -> int | None:
+    """The tokenizer's mask token id, or None when it has none."""
+    if tokenizer is None:
+        return None
+    value = getattr(tokenizer, "mask_token_id", None)
+    return int(value) if value is not None else None

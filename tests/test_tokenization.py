@@ -1,0 +1,136 @@
+"""Tokenizer training, loading and the exact text round trip (all local, no hub)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import pytest
+
+from asarm.errors import CheckpointError, InputError
+from asarm.tokenization import SPECIAL_TOKENS, decode, encode, load_tokenizer, train_tokenizer
+
+PARAGRAPH = (
+    "Once upon a time, in a quiet village by the sea, there lived an old fisherman. "
+    "Every morning he rowed out past the rocks, cast his nets, and waited.\n"
+    "The gulls knew him; the children waved.  Some days the sea gave nothing at all!\n\n"
+)
+CODE = inspect.getsource(textwrap)
+
+TRICKY = [
+    "",
+    " ",
+    "  leading and trailing  ",
+    "tabs\tinside\t\tand\tout\t",
+    "many\n\n\nnewlines\n",
+    "\r\nwindows line\r\n",
+    "Unicode: café, naïve, 日本語, Ελληνικά, emoji 😀🚀, ligature ﬁ, combining e\u0301",
+    "UPPER lower MiXeD",
+    "def f(x):\n    if x:\n        return x  # comment\n\treturn None\n\n\n",
+    "class A:\n  pass\n    \n",
+    "literal specials: <mask> <pad> </s> <s> <unk>",
+    "numbers 1234567890 3.14159 -42",
+    "   \n\t \n  ",
+]
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    return train_tokenizer([PARAGRAPH * 8], vocab_size=320, kind="text")
+
+
+@pytest.fixture(scope="module")
+def code_tok():
+    return train_tokenizer([CODE, PARAGRAPH], vocab_size=400, kind="code")
+
+
+def test_special_token_ids(text_tok, code_tok):
+    for tok in (text_tok, code_tok):
+        for i, name in enumerate(SPECIAL_TOKENS):
+            assert tok.convert_tokens_to_ids(name) == i
+        assert tok.mask_token_id == 6 and tok.pad_token_id == 5 and tok.eos_token_id == 2
+        assert tok.unk_token_id == 0
+
+
+@pytest.mark.parametrize("s", TRICKY)
+def test_exact_round_trip(text_tok, code_tok, s):
+    for tok in (text_tok, code_tok):
+        ids = encode(tok, s)
+        assert decode(tok, ids) == s
+        # plain tokenizer call adds no special tokens either
+        assert tok(s, add_special_tokens=True)["input_ids"] == tok(s, add_special_tokens=False)["input_ids"]
+
+
+def test_round_trip_whole_source(code_tok):
+    assert decode(code_tok, encode(code_tok, CODE)) == CODE
+    ids = encode(code_tok, CODE)
+    assert len(ids) < len(CODE.encode()) / 2  # it actually learned merges
+
+
+def test_literal_mask_is_text(text_tok):
+    ids = encode(text_tok, "a <mask> b")
+    assert text_tok.mask_token_id not in ids
+    assert decode(text_tok, ids) == "a <mask> b"
+
+
+def test_decode_keeps_special_tokens(text_tok):
+    ids = encode(text_tok, "x") + [text_tok.mask_token_id] + encode(text_tok, " y")
+    assert decode(text_tok, ids) == "x<mask> y"
+    import torch
+
+    assert decode(text_tok, torch.tensor(ids)) == "x<mask> y"
+    assert decode(text_tok, []) == ""
+
+
+def test_save_and_load_round_trip(tmp_path, code_tok):
+    code_tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded is not None
+    assert loaded.mask_token_id == 6 and loaded.pad_token_id == 5 and loaded.eos_token_id == 2
+    for s in TRICKY:
+        assert encode(loaded, s) == encode(code_tok, s)
+        assert decode(loaded, encode(loaded, s)) == s
+
+
+def test_load_without_files_is_none(tmp_path):
+    assert load_tokenizer(tmp_path) is None
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_load_corrupt_tokenizer_json(tmp_path, text_tok):
+    text_tok.save_pretrained(tmp_path)
+    data = (tmp_path / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="tokenizer.json.*corrupt"):
+        load_tokenizer(tmp_path)
+
+
+def test_load_corrupt_tokenizer_content(tmp_path, text_tok):
+    text_tok.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Nonsense"}}))
+    with pytest.raises(CheckpointError, match="could not load the tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_load_corrupt_spiece(tmp_path):
+    (tmp_path / "spiece.model").write_bytes(b"\x00garbage not a sentencepiece model")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlnet"}))
+    with pytest.raises(CheckpointError, match="could not load the tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_train_errors():
+    with pytest.raises(InputError, match="kind"):
+        train_tokenizer(["abc"], 300, kind="pictures")
+    with pytest.raises(InputError, match="vocab_size"):
+        train_tokenizer(["abc"], 100)
+
+
+def test_encode_rejects_non_string(text_tok):
+    with pytest.raises(InputError, match="string"):
+        encode(text_tok, 123)
