@@ -62,7 +62,7 @@ def test_cached_pass_equals_transformers(model):
     """The first query of a cached run equals `transformers`' XLNet on the same structure."""
     ids, masked = random_batch(B=1, L=12, seed=4)
     ids, masked = ids[0], masked[0]
-    res = sample(model, ids, masked, method="sequential", seed=0)
+    res = sample(model, ids, masked, method="sequential", seed=0, return_logprobs=True)
     hidden = torch.nonzero(masked).flatten()
     rank = torch.zeros(12, dtype=torch.long)
     rank[hidden] = torch.arange(1, len(hidden) + 1)

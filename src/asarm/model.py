@@ -202,6 +202,9 @@ class ASARM(nn.Module):
         committed slots and every row attends to committed + new keys; ``cache.commit`` then keeps
         a prefix of the new rows.
         """
+        if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
+            content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
+            content_rank = torch.full_like(content_pos, NO_KEY)
         B, N = content_ids.shape
         content_rank = content_rank.long()
         query_rank = query_rank.long()
@@ -254,3 +257,18 @@ class ASARM(nn.Module):
         logits = self.forward_rows(input_ids, positions, content_rank, query_pos, query_rank,
                                    rel_table=rel_table)
         return logits, query_pos, query_valid
+
+    # --- checkpoints (thin wrappers over ``asarm.checkpoint``) ------------------------------------
+    def save_pretrained(self, directory, tokenizer=None, dtype=None):
+        """Write an HF XLNet-format checkpoint; see ``asarm.checkpoint.save_model``."""
+        from .checkpoint import save_model
+
+        return save_model(self, directory, tokenizer=tokenizer, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, mask_token_id=None):
+        """Load a directory, shipped short name or hub id; see ``asarm.checkpoint.load_model``."""
+        from .checkpoint import load_model
+
+        return load_model(name_or_path, revision=revision, device=device, dtype=dtype,
+                          mask_token_id=mask_token_id)

@@ -85,7 +85,7 @@ class SampleResult:
     draft_calls: torch.Tensor  # draft proposals per row: self-draft passes, or n-gram calls (not passes)
     rounds: torch.Tensor
     accepted: list  # tokens produced per round, per row
-    token_logprobs: torch.Tensor  # target-chain log-prob of each sampled token; 0 elsewhere
+    token_logprobs: torch.Tensor | None  # with return_logprobs: target-chain log-prob per sampled token, 0 elsewhere
     elapsed: float
 
     @property
@@ -241,38 +241,49 @@ def _row_seed(seed: int, row: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
 
 
-def _validate(model, input_ids, masked, attention_mask, method, draft, k, temperature, greedy, top_k, top_p):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
+def check_inputs(model, input_ids, masked, attention_mask=None, *, score_hidden=False) -> None:
+    """Shapes, dtypes, length limit and vocabulary range. Hidden positions' ids are ignored by
+    the samplers (they get filled) but are the scored tokens for ``score_hidden``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise InputError("input_ids must be an integer tensor of token ids")
     if input_ids.dim() not in (1, 2):
         raise InputError(f"input_ids must have shape [L] or [B, L], got {tuple(input_ids.shape)}")
     if not isinstance(masked, torch.Tensor) or masked.dtype != torch.bool:
-        raise InputError("masked must be a bool tensor (True = hidden position to generate)")
+        raise InputError("masked must be a bool tensor (True = hidden position)")
     if masked.shape != input_ids.shape:
         raise InputError(f"masked has shape {tuple(masked.shape)} but input_ids has {tuple(input_ids.shape)}")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape):
         raise InputError("attention_mask must be a tensor with the same shape as input_ids")
+    cfg = model.config
+    L = input_ids.shape[-1]
+    if cfg.max_length is not None and L > cfg.max_length:
+        raise InputError(f"sequence of {L} tokens is longer than the model's limit of {cfg.max_length}")
+    real = torch.ones_like(masked) if score_hidden else ~masked
+    if attention_mask is not None:
+        real = real & attention_mask.bool()
+    ids = input_ids[real]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+        bad = ids[(ids < 0) | (ids >= cfg.vocab_size)][0]
+        raise InputError(f"token id {int(bad)} is outside the model's vocabulary of {cfg.vocab_size}")
+
+
+def check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise InputError(f"temperature must be > 0, got {temperature!r} (for argmax decoding use greedy=True)")
+
+
+def check_options(method, draft, k, temperature, top_k, top_p) -> None:
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if draft not in DRAFTS:
         raise InputError(f"unknown draft {draft!r}: use one of {', '.join(DRAFTS)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be an integer >= 1, got {k!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise InputError(f"temperature must be > 0, got {temperature!r} (for argmax decoding use greedy=True)")
+    check_temperature(temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    cfg = model.config
-    L = input_ids.shape[-1]
-    if cfg.max_length is not None and L > cfg.max_length:
-        raise InputError(f"sequence of {L} tokens is longer than the model's limit of {cfg.max_length}")
-    real = ~masked if attention_mask is None else (~masked & attention_mask.bool())
-    ids = input_ids[real]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
-        bad = ids[(ids < 0) | (ids >= cfg.vocab_size)][0]
-        raise InputError(f"token id {int(bad)} is outside the model's vocabulary of {cfg.vocab_size}")
 
 
 def _row_orders(order, B: int):
@@ -306,6 +317,7 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     attention_mask: torch.Tensor | None = None,
+    return_logprobs: bool = False,
     callback: Callable[[int, list[int], list[int]], None] | None = None,
 ) -> SampleResult:
     """Fill the hidden positions of ``input_ids`` by exact chain sampling.
@@ -317,9 +329,11 @@ def sample(
     every pass from scratch (the reference-style baseline); both give the same distribution.
     greedy / top_k / top_p: applied identically to drafts and oracle, so ASSD stays exact for
     the truncated chain. attention_mask: Bool [B, L], False for padding (rows of different
-    lengths). callback(row, positions, tokens) is called as each round's tokens are accepted.
+    lengths). return_logprobs: fill ``token_logprobs`` with the target-chain log-prob of every
+    sampled token. callback(row, positions, tokens) is called as each round's tokens are accepted.
     """
-    _validate(model, input_ids, masked, attention_mask, method, draft, k, temperature, greedy, top_k, top_p)
+    check_options(method, draft, k, temperature, top_k, top_p)
+    check_inputs(model, input_ids, masked, attention_mask)
     start = time.perf_counter()
     squeeze = input_ids.dim() == 1
     ids = input_ids.view(1, -1) if squeeze else input_ids
@@ -349,13 +363,15 @@ def sample(
         draft_calls=torch.tensor([r.draft_calls for r in rows]),
         rounds=torch.tensor([r.rounds for r in rows]),
         accepted=[r.accepted for r in rows],
-        token_logprobs=torch.stack([r.logprobs for r in rows]),
+        token_logprobs=torch.stack([r.logprobs for r in rows]) if return_logprobs else None,
         elapsed=time.perf_counter() - start,
     )
     if squeeze:
         result.input_ids = result.input_ids[0]
         result.nfe, result.draft_calls, result.rounds = result.nfe[0], result.draft_calls[0], result.rounds[0]
-        result.accepted, result.token_logprobs = result.accepted[0], result.token_logprobs[0]
+        result.accepted = result.accepted[0]
+        if return_logprobs:
+            result.token_logprobs = result.token_logprobs[0]
     return result
 
 
