@@ -1,0 +1,186 @@
+"""Hole markup, parsing to ids/masks, and infill end to end (fake and real sampler)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import asarm
+import asarm.sampling
+from asarm.errors import InputError
+from asarm.text import fill_text, infill, parse_infill, parse_markup
+from asarm.tokenization import decode, encode, train_tokenizer
+
+CORPUS = (
+    "Once upon a time there was a small cat. The cat sat on the warm mat and purred.\n"
+    "def add(a, b):\n    return a + b\n\n"
+) * 10
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([CORPUS], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model300():
+    return tiny_model(seed=7, vocab_size=300)
+
+
+# --- markup -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, parts", [
+    ("The cat [MASK:3] mat.", ["The cat ", 3, " mat."]),
+    ("[MASK:2]start", [2, "start"]),
+    ("end[MASK:20]", ["end", 20]),
+    ("[MASK:30]", [30]),
+    ("a[MASK:1][MASK:2]b", ["a", 1, 2, "b"]),
+    ("x [MASK: 4 ] y", ["x ", 4, " y"]),
+    (r"literal \[MASK:3] here", ["literal [MASK:3] here"]),
+    (r"back\\slash[MASK:1]", ["back\\slash", 1]),
+    (r"other \n backslash", [r"other \n backslash"]),
+    ("xs[0] + d['k'] [MASKED] [mask:3]", ["xs[0] + d['k'] [MASKED] [mask:3]"]),
+    ("", []),
+    ("no holes", ["no holes"]),
+])
+def test_parse_markup(text, parts):
+    assert parse_markup(text) == parts
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a [MASK] b", r"has no length: give the number of tokens.*\[MASK:5\]"),
+    ("a [MASK:0] b", "at least 1"),
+    ("a [MASK:-2] b", "at least 1"),
+    ("a [MASK:abc] b", "whole number of tokens"),
+    ("a [MASK:2.5] b", "whole number of tokens"),
+    ("a [MASK:3 b", "bad hole markup.*closing bracket"),
+    ("a [MASK", "bad hole markup"),
+    ("a [MASK:", "bad hole markup"),
+])
+def test_bad_markup(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_markup(text)
+
+
+def test_markup_error_says_where():
+    with pytest.raises(InputError, match="at character 4"):
+        parse_markup("abc [MASK]")
+
+
+# --- parse_infill -----------------------------------------------------------------------------
+def test_parse_infill_lengths(tok):
+    ids, masked = parse_infill(tok, "The cat[MASK:3] on the mat.")
+    pre, post = encode(tok, "The cat"), encode(tok, " on the mat.")
+    assert ids.dtype == torch.long and masked.dtype == torch.bool
+    assert ids.tolist() == pre + [6, 6, 6] + post
+    assert masked.tolist() == [False] * len(pre) + [True] * 3 + [False] * len(post)
+
+
+def test_parse_infill_shapes(tok):
+    ids, masked = parse_infill(tok, "[MASK:30]")
+    assert ids.tolist() == [6] * 30 and bool(masked.all())
+    ids, masked = parse_infill(tok, "[MASK:2][MASK:3]x")
+    assert masked.tolist()[:5] == [True] * 5 and not masked[5:].any()
+    ids, masked = parse_infill(tok, "Once upon a time[MASK:4]")
+    assert masked[-4:].all() and not masked[:-4].any()
+
+
+def test_parse_infill_escape_and_literal_mask(tok):
+    ids, masked = parse_infill(tok, r"a \[MASK:2] <mask> b")
+    assert not masked.any()
+    assert decode(tok, ids) == "a [MASK:2] <mask> b"
+
+
+def test_parse_infill_mask_id_and_max_length(tok):
+    ids, _ = parse_infill(tok, "[MASK:2]", mask_token_id=4)
+    assert ids.tolist() == [4, 4]
+    parse_infill(tok, "[MASK:8]", max_length=8)
+    with pytest.raises(InputError, match="9 tokens long.*maximum length of 8"):
+        parse_infill(tok, "[MASK:9]", max_length=8)
+
+
+def test_fill_text(tok):
+    ids = encode(tok, "  x\n\ty ")
+    assert fill_text(tok, torch.tensor(ids)) == "  x\n\ty "
+    assert fill_text(tok, torch.tensor([ids])) == "  x\n\ty "
+    assert fill_text(tok, ids) == "  x\n\ty "
+    with pytest.raises(InputError, match="one sequence"):
+        fill_text(tok, torch.tensor([ids, ids]))
+
+
+# --- infill with a fake sampler ---------------------------------------------------------------
+def fake_sampler(fill_id, calls):
+    def sample(model, input_ids, masked, **options):
+        calls.append((input_ids.clone(), masked.clone(), options))
+        out = input_ids.clone()
+        out[masked] = fill_id
+        n = int(masked.sum())
+        return types.SimpleNamespace(input_ids=out[None], nfe=n, rounds=n, accepted=[1] * n)
+    return sample
+
+
+def test_infill_with_fake_sampler(tok, model300, monkeypatch):
+    calls = []
+    x_id = encode(tok, "x")[0]
+    monkeypatch.setattr(asarm.sampling, "sample", fake_sampler(x_id, calls))
+    text = "  The cat\tsat [MASK:3] on\n\nthe mat.  "
+    out = infill(model300, text, tokenizer=tok, method="sequential", seed=3, k=4)
+    assert out == "  The cat\tsat xxx on\n\nthe mat.  "
+    ids, masked, options = calls[0]
+    assert options == {"method": "sequential", "seed": 3, "k": 4}
+    assert ids[masked].tolist() == [model300.config.mask_token_id] * 3
+
+
+def test_infill_return_result_and_model_tokenizer(tok, model300, monkeypatch):
+    calls = []
+    monkeypatch.setattr(asarm.sampling, "sample", fake_sampler(encode(tok, "a")[0], calls))
+    model = tiny_model(seed=7, vocab_size=300)
+    model.tokenizer = tok
+    out, result = infill(model, "[MASK:2]b[MASK:1]", return_result=True)
+    assert out == "aaba" and result.nfe == 3
+    assert asarm.infill is infill
+
+
+def test_infill_errors(tok, model300, monkeypatch):
+    monkeypatch.setattr(asarm.sampling, "sample", fake_sampler(0, []))
+    with pytest.raises(InputError, match="no tokenizer"):
+        infill(model300, "a [MASK:2]")
+    with pytest.raises(InputError, match="no holes"):
+        infill(model300, "nothing to do", tokenizer=tok)
+    with pytest.raises(InputError, match="no length"):
+        infill(model300, "a [MASK] b", tokenizer=tok)
+    small = tiny_model()  # vocab 8: the tokenizer's ids do not fit
+    with pytest.raises(InputError, match="outside the model's vocabulary"):
+        infill(small, "The cat [MASK:2]", tokenizer=tok)
+    limited = tiny_model(seed=7, vocab_size=300, max_length=10)
+    infill(limited, "[MASK:10]", tokenizer=tok)
+    with pytest.raises(InputError, match="maximum length of 10"):
+        infill(limited, "The cat sat on the mat [MASK:6]", tokenizer=tok)
+
+
+# --- infill with the real sampler ---------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    {"method": "assd", "draft": "self", "k": 3},
+    {"method": "sequential"},
+    {"method": "assd", "draft": "ngram", "k": 4},
+])
+def test_infill_real_sampler(tok, model300, options):
+    text = "The cat [MASK:5] on the\n\tmat.[MASK:3]"
+    out, result = infill(model300, text, tokenizer=tok, return_result=True, seed=0, **options)
+    ids, masked = parse_infill(tok, text)
+    filled = result.input_ids.view(-1)
+    assert filled.shape == ids.shape
+    assert torch.equal(filled[~masked], ids[~masked])  # visible tokens untouched
+    assert not (filled[masked] == model300.config.mask_token_id).any()  # mask never sampled
+    assert out == decode(tok, filled.tolist())
+    assert int(result.nfe) >= 1
+    again = infill(model300, text, tokenizer=tok, seed=0, **options)
+    assert again == out  # seeded runs repeat
+
+
+def test_infill_real_sampler_unconditional(tok, model300):
+    out, result = infill(model300, "[MASK:6]", tokenizer=tok, return_result=True, seed=1)
+    assert result.input_ids.numel() == 6
+    assert out == decode(tok, result.input_ids.view(-1).tolist())
