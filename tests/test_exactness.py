@@ -126,3 +126,24 @@ def test_negative_control_fails(model):
     independent = list(zip(*[c.tolist() for c in columns]))
     _, p = g_test(independent, reference(model, 1.0, "left-to-right"))
     assert p < 1e-6, f"negative control was not rejected (p={p:.2e})"
+
+
+VARIANTS = {
+    "bonus": dict(bonus=True),
+    "one-pass": dict(one_pass=True),
+    "adaptive-k": dict(adaptive_k=True),
+    "one-pass+adaptive-k": dict(one_pass=True, adaptive_k=True),
+    "ngram+bonus+adaptive-k": dict(draft="ngram", bonus=True, adaptive_k=True),
+}
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+@pytest.mark.parametrize("order_name", ["left-to-right", "random"])
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_faster_variants_match_exact_joint(model, variant, k, order_name, temperature):
+    seed = hash((variant, k, order_name, temperature)) % 10_000
+    result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), k=k,
+                    temperature=temperature, order=order_name, seed=seed, **VARIANTS[variant])
+    _, p = g_test(draws(result, MASKED), reference(model, temperature, order_name))
+    assert p > ALPHA, f"{variant}/k={k}/T={temperature}/{order_name}: G-test p={p:.2e}"

@@ -26,7 +26,7 @@ from .config import ASARMConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import ASARM
-from .sampling import TargetDistribution, _Engine, _Row, _row_seed
+from .sampling import Speculation, TargetDistribution, _Engine, _Row, _row_seed
 from .ranks import decoding_order
 
 XLNET_BASE = dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, d_inner=3072, dropout=0.0)
@@ -40,6 +40,13 @@ class Config:
     cache: bool = True
     batch: int = 1
     k: int = 5
+    bonus: bool = False
+    one_pass: bool = False
+    adaptive_k: bool = False
+
+    @property
+    def speculation(self) -> Speculation:
+        return Speculation(k=self.k, bonus=self.bonus, one_pass=self.one_pass, adaptive_k=self.adaptive_k)
 
 
 def default_configs(k: int, batches: list[int]) -> list[Config]:
@@ -52,6 +59,19 @@ def default_configs(k: int, batches: list[int]) -> list[Config]:
     ]
     configs += [Config(f"batched cached ASSD B={b}", "assd", batch=b, k=k) for b in batches]
     return configs
+
+
+def speedup_configs(k: int) -> list[Config]:
+    """Plain cached ASSD against each exact improvement and their combination."""
+    return [
+        Config("cached sequential", "sequential", k=1),
+        Config("ASSD", "assd", k=k),
+        Config("ASSD + bonus", "assd", k=k, bonus=True),
+        Config("ASSD + one-pass", "assd", k=k, one_pass=True),
+        Config("ASSD + adaptive k", "assd", k=k, adaptive_k=True),
+        Config("ASSD + one-pass + adaptive k", "assd", k=k, one_pass=True, adaptive_k=True),
+        Config("ASSD n-gram + bonus", "assd", draft="ngram", k=k, bonus=True),
+    ]
 
 
 def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int):
@@ -83,7 +103,7 @@ def build_rows(model, ids, masked, cfg: Config, seed: int, progress: float):
         tokens = ids[b].clone()
         order = decoding_order(masked[b], "left-to-right")
         tokens[masked[b]] = model.config.mask_token_id
-        row = _Row(b, tokens, ids.shape[1], order, gen, target, cfg.method, cfg.draft, cfg.k, model.config.vocab_size)
+        row = _Row(b, tokens, ids.shape[1], order, gen, target, cfg.method, cfg.draft, cfg.speculation, model.config.vocab_size)
         done = int(progress * row.m)
         if done:
             positions = row.order[:done]
@@ -111,7 +131,7 @@ def time_config(model, ids, masked, cfg: Config, window: int, stages, full: bool
     L = ids.shape[1]
     for progress in ([0.0] if full else stages):
         rows = build_rows(model, ids, masked, cfg, seed, progress)
-        engine = _Engine(model, rows, L, cfg.k, cfg.cache, rows[0].target, None)
+        engine = _Engine(model, rows, L, cfg.speculation.max_k, cfg.cache, rows[0].target, None)
         if not full:
             engine.step()  # untimed: prefill of the known tokens, warm-up
         before = [(r.n, r.nfe, r.rounds) for r in rows]
@@ -153,8 +173,8 @@ def run_bench(model, lengths, settings, configs, window=6, stages=(0.0, 0.2, 0.4
         if model.device.type == "cuda":
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(model.device)
         records.append(record)
-    baseline = {(r["length"], r["setting"]): r["tokens_per_s"] for r in records
-                if r["config"] == "full-recompute sequential"}
+    # speed-up against the first configuration of the suite (the serial baseline)
+    baseline = {(r["length"], r["setting"]): r["tokens_per_s"] for r in records if r["config"] == configs[0].name}
     for r in records:
         base = baseline.get((r["length"], r["setting"]))
         r["speedup_vs_baseline"] = r["tokens_per_s"] / base if base else None
@@ -211,7 +231,8 @@ def cmd_bench(args) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = args.settings.split(",")
     batches = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else []
-    configs = [c for c in default_configs(args.k, batches) if not args.only or any(o in c.name for o in args.only.split(","))]
+    suite = speedup_configs(args.k) if args.suite == "speedups" else default_configs(args.k, batches)
+    configs = [c for c in suite if not args.only or any(o in c.name for o in args.only.split(","))]
     model = load_bench_model(args.model, args.device, args.dtype, args.seed)
     records = run_bench(model, lengths, settings, configs, window=args.window, full=args.full, seed=args.seed)
     out = Path(args.out)
@@ -236,6 +257,8 @@ def add_cli(sub) -> None:
     p.add_argument("--lengths", default="128,256,512,1024")
     p.add_argument("--settings", default="95%,50%-spans", help="95%% (paper) and/or 50%%-spans")
     p.add_argument("--batch-sizes", default="8,32", help="batched cached ASSD sizes ('' for none)")
+    p.add_argument("--suite", default="cache", choices=["cache", "speedups"],
+                   help="cache: full recompute vs cache vs batches; speedups: plain ASSD vs bonus/one-pass/adaptive k")
     p.add_argument("--only", default=None, help="comma-separated substrings of configuration names to run")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--window", type=int, default=6, help="timed passes per window")

@@ -95,28 +95,53 @@ class SampleResult:
         return sum(counts) / len(counts) if counts else 0.0
 
 
-class _Row:
-    """One sequence's sampling state (CPU tensors; the model runs wherever it lives)."""
+@dataclasses.dataclass
+class _Draft:
+    token: int
+    probs: torch.Tensor  # the proposal it was drawn from
+    exact: bool  # drawn from the exact conditional given everything before it: accepted as is
 
-    def __init__(self, index, tokens, valid_len, order, generator, target, method, draft, k, vocab_size):
+
+@dataclasses.dataclass(frozen=True)
+class Speculation:
+    """ASSD options beyond the paper's round (each keeps the joint exact)."""
+
+    k: int = 5
+    bonus: bool = False  # all drafts accepted -> the oracle pass also yields the next token
+    one_pass: bool = False  # the oracle pass also drafts the next block: one pass per round
+    adaptive_k: bool = False  # grow k after fully accepted rounds, shrink it after rejections
+
+    @property
+    def max_k(self) -> int:
+        return max(3 * self.k, 8) if self.adaptive_k else self.k
+
+
+class _Row:
+    """One sequence's sampling state (CPU tensors; the model runs wherever it lives).
+
+    The row always knows ``n`` (tokens decoded, ranks 1..n), the content rows not yet in the
+    cache (``pending``) and a queue of drafts for the next positions of its order.
+    """
+
+    def __init__(self, index, tokens, valid_len, order, generator, target, method, draft, spec, vocab_size):
         self.index = index
         self.tokens = tokens
         self.order = order.tolist()
         self.m = len(self.order)
-        self.n = 0  # tokens decoded so far (ranks 1..n)
+        self.n = 0
         self.generator = generator
         self.target = target
         self.method = method
         self.draft = draft
-        self.k = k
+        self.spec = spec
+        self.k = spec.k
         ranks = ranks_from_order(tokens.shape[0], order, valid_len)
         self.known = ranks == 0
         self.visible = torch.nonzero(self.known).flatten().tolist()
         # content rows computed but not yet committed to the cache; at first, every visible token
         self.pending = [(p, int(tokens[p]), 0) for p in self.visible]
-        self.phase = "draft"
-        self.drafts: list[int] = []
-        self.draft_probs: torch.Tensor | None = None
+        self.queue: list[_Draft] = []
+        self.last_plan: dict = {}
         self.nfe = self.draft_calls = self.rounds = 0
         self.accepted: list[int] = []
         self.logprobs = torch.zeros(tokens.shape[0], dtype=torch.float64)
@@ -137,26 +162,38 @@ class _Row:
 
     # --- planning -------------------------------------------------------------------------------
     def plan(self, cached: bool):
-        """(content rows, query rows) of this row's next pass; content rows that may be committed
-        come first: the pending ones, then the drafts in order."""
-        n, block = self.n, min(self.k, self.m - self.n)
+        """(content rows, query rows) of this row's next pass. Content rows that may be
+        committed come first: the pending ones, then the drafts in order."""
+        n = self.n
         base = self.pending if cached else self.known_contents()
         if self.method == "sequential":
+            self.last_plan = dict(kind="sequential")
             return base, [(self.order[n], n + 1)]
-        if self.draft == "self":
-            if self.phase == "draft":
-                return base, [(self.order[n + i], n + 1) for i in range(block)]
-            drafts = [(self.order[n + i], self.drafts[i], n + 1 + i) for i in range(block - 1)]
-            return base + drafts, [(self.order[n + i], n + 1 + i) for i in range(1, block)]
-        # n-gram: the draft call happens here, then one oracle pass verifies every draft
-        self._ngram_drafts(block)
-        drafts = [(self.order[n + i], self.drafts[i], n + 1 + i) for i in range(block - 1)]
-        return base + drafts, [(self.order[n + i], n + 1 + i) for i in range(block)]
+        if not self.queue and self.draft == "ngram":
+            self._ngram_drafts(min(self.k, self.m - n))
+        if not self.queue:  # self-draft pass: queries that see the decoded tokens, not each other
+            block = min(self.k, self.m - n)
+            self.last_plan = dict(kind="draft")
+            return base, [(self.order[n + i], n + 1) for i in range(block)]
+        # oracle pass over the queued drafts
+        b = len(self.queue)
+        has_next = n + b < self.m
+        extended = has_next and (self.spec.bonus or self.spec.one_pass)
+        n_contents = b if extended else b - 1
+        contents = [(self.order[n + i], self.queue[i].token, n + 1 + i) for i in range(n_contents)]
+        queries = [(self.order[n + i], n + 1 + i) for i in range(b) if not self.queue[i].exact]
+        n_lookahead = 0
+        if extended:  # the next position, seeing every draft: the bonus token's exact conditional
+            queries.append((self.order[n + b], n + b + 1))
+            if self.spec.one_pass:  # and proposals for the positions after it
+                n_lookahead = min(self.k - 1, self.m - (n + b + 1))
+                queries += [(self.order[n + b + 1 + j], n + b + 1) for j in range(n_lookahead)]
+        self.last_plan = dict(kind="oracle", n_contents=n_contents, extended=extended, n_lookahead=n_lookahead)
+        return base + contents, queries
 
     def _ngram_drafts(self, block: int) -> None:
         self.draft_calls += 1
         drafted: dict[int, int] = {}
-        probs, drafts = [], []
         for i in range(block):
             pos = self.order[self.n + i]
             prev = None
@@ -167,53 +204,78 @@ class _Row:
             p = self.ngram.distribution(prev, 1.0 if self.target.greedy else self.target.temperature)
             if self.target.greedy:
                 p = torch.zeros_like(p).scatter_(0, p.argmax().view(1), 1.0)
-            d = _draw(p, self.generator)
-            drafted[pos] = d
-            probs.append(p)
-            drafts.append(d)
-        self.drafts, self.draft_probs = drafts, torch.stack(probs)
+            drafted[pos] = _draw(p, self.generator)
+            self.queue.append(_Draft(drafted[pos], p, exact=False))
 
     # --- consuming a pass -------------------------------------------------------------------------
     def consume(self, probs: torch.Tensor) -> tuple[int, list[int]]:
         """Take this row's query distributions [Q, V] (float64, CPU); returns (how many of the
-        pass's new content rows to commit, positions decoded this round)."""
+        pass's new content rows to commit, positions decoded this pass)."""
         self.nfe += 1
         n_pending = len(self.pending)
-        if self.method == "sequential":
-            token = _draw(probs[0], self.generator)
-            return n_pending, self._decode([token], [probs[0]])
-        if self.draft == "self" and self.phase == "draft":
+        kind = self.last_plan["kind"]
+        if kind == "sequential":
+            return n_pending, self._decode([_draw(probs[0], self.generator)], [probs[0]])
+        if kind == "draft":
             self.draft_calls += 1
-            self.drafts = [_draw(p, self.generator) for p in probs]
-            self.draft_probs = probs
-            if len(self.drafts) == 1:  # one position left: the draft is the exact conditional
-                return n_pending, self._decode(self.drafts, [probs[0]])
+            self.queue = [_Draft(_draw(p, self.generator), p, exact=(i == 0)) for i, p in enumerate(probs)]
+            if len(self.queue) == 1:  # one position left: its draft is the exact conditional
+                token = self.queue.pop().token
+                return n_pending, self._decode([token], [probs[0]])
             self.pending = []
-            self.phase = "oracle"
             return n_pending, []
-        # oracle pass: verify the drafts
-        if self.draft == "self":
-            oracle = torch.cat([self.draft_probs[:1], probs])  # q_1 == p_1: d_1 is exact
-        else:
-            oracle = probs
-        kept_tokens, kept_probs, rejected = [], [], False
-        for i, (d, p, q) in enumerate(zip(self.drafts, self.draft_probs, oracle)):
-            exact = i == 0 and self.draft == "self"
-            if exact or torch.rand((), generator=self.generator, dtype=torch.float64) * p[d] <= q[d]:
-                kept_tokens.append(d)
-            else:
-                residual = (q - p).clamp(min=0.0)
-                kept_tokens.append(_draw(residual if residual.sum() > 0 else q, self.generator))
-                rejected = True
-            kept_probs.append(q)
-            if rejected:
-                break
-        n_accepted = len(kept_tokens) - rejected
-        # Contents committed from this pass: the pending ones, then the accepted drafts that had
-        # a content row (the last draft never has one). A resampled token's content comes next pass.
-        commit = n_pending + min(n_accepted, len(self.drafts) - 1)
-        self.phase = "draft"
-        return commit, self._decode(kept_tokens, kept_probs)
+        return self._verify(probs, n_pending)
+
+    def _verify(self, probs: torch.Tensor, n_pending: int):
+        plan = self.last_plan
+        queue, self.queue = self.queue, []
+        rows = iter(probs)
+        tokens, token_probs, rejected_at = [], [], None
+        for i, d in enumerate(queue):
+            if d.exact:
+                tokens.append(d.token)
+                token_probs.append(d.probs)
+                continue
+            q = next(rows)
+            token_probs.append(q)
+            if torch.rand((), generator=self.generator, dtype=torch.float64) * d.probs[d.token] <= q[d.token]:
+                tokens.append(d.token)
+                continue
+            residual = (q - d.probs).clamp(min=0.0)
+            tokens.append(_draw(residual if residual.sum() > 0 else q, self.generator))
+            rejected_at = i
+            break
+        n_verify = sum(1 for d in queue if not d.exact)
+        later = probs[n_verify:]  # bonus query, then lookahead queries
+        n_accepted = len(tokens) if rejected_at is None else rejected_at
+        if rejected_at is None and plan["extended"]:
+            bonus = later[0]  # exact: every draft it sees was accepted
+            tokens.append(_draw(bonus, self.generator))
+            token_probs.append(bonus)
+        commit = n_pending + min(n_accepted, plan["n_contents"])
+        self._adapt(rejected_at is None)
+        positions = self._decode(tokens, token_probs)
+        if self.spec.one_pass and not self.done:
+            self._queue_next(queue, rejected_at, later, plan)
+        return commit, positions
+
+    def _queue_next(self, queue, rejected_at, later, plan) -> None:
+        """One-pass rounds: the next block's drafts come from this pass. After a full accept they
+        are the lookahead proposals; after a rejection, the untested drafts and the proposals
+        made for later positions are still valid proposals (any proposal keeps ASSD exact)."""
+        proposals = []
+        if rejected_at is not None:
+            proposals += [(d.token, d.probs) for d in queue[rejected_at + 1 :]]
+            if plan["extended"]:
+                proposals.append((None, later[0]))
+        proposals += [(None, p) for p in later[1 : 1 + plan["n_lookahead"]]]
+        block = min(self.k, self.m - self.n)
+        for token, p in proposals[:block]:
+            self.queue.append(_Draft(_draw(p, self.generator) if token is None else token, p, exact=False))
+
+    def _adapt(self, all_accepted: bool) -> None:
+        if self.spec.adaptive_k:
+            self.k = min(self.k + 2, self.spec.max_k) if all_accepted else max(self.k - 1, 2)
 
     def _decode(self, tokens: list[int], probs: list[torch.Tensor]) -> list[int]:
         """Record tokens for the next positions of the order; the last one's content is pending."""
@@ -318,6 +380,9 @@ def sample(
     top_p: float | None = None,
     attention_mask: torch.Tensor | None = None,
     return_logprobs: bool = False,
+    bonus: bool = False,
+    one_pass: bool = False,
+    adaptive_k: bool = False,
     callback: Callable[[int, list[int], list[int]], None] | None = None,
 ) -> SampleResult:
     """Fill the hidden positions of ``input_ids`` by exact chain sampling.
@@ -329,10 +394,14 @@ def sample(
     every pass from scratch (the reference-style baseline); both give the same distribution.
     greedy / top_k / top_p: applied identically to drafts and oracle, so ASSD stays exact for
     the truncated chain. attention_mask: Bool [B, L], False for padding (rows of different
-    lengths). return_logprobs: fill ``token_logprobs`` with the target-chain log-prob of every
+    lengths). bonus / one_pass / adaptive_k: faster exact ASSD variants (see ``Speculation``);
+    one_pass needs draft="self". return_logprobs: fill ``token_logprobs`` with the target-chain log-prob of every
     sampled token. callback(row, positions, tokens) is called as each round's tokens are accepted.
     """
     check_options(method, draft, k, temperature, top_k, top_p)
+    if one_pass and (method != "assd" or draft != "self"):
+        raise InputError("one_pass applies to method='assd' with draft='self' (n-gram rounds already take one pass)")
+    spec = Speculation(k=k, bonus=bool(bonus), one_pass=bool(one_pass), adaptive_k=bool(adaptive_k))
     check_inputs(model, input_ids, masked, attention_mask)
     start = time.perf_counter()
     squeeze = input_ids.dim() == 1
@@ -353,8 +422,8 @@ def sample(
         tokens = ids[b].detach().cpu().long().clone()
         row_order = decoding_order(hid[b], row_order, gen)
         tokens[hid[b]] = model.config.mask_token_id
-        rows.append(_Row(b, tokens, int(valid_len[b]), row_order, gen, target, method, draft, k, model.config.vocab_size))
-    _Engine(model, rows, L, k, cache, target, callback).run()
+        rows.append(_Row(b, tokens, int(valid_len[b]), row_order, gen, target, method, draft, spec, model.config.vocab_size))
+    _Engine(model, rows, L, spec.max_k, cache, target, callback).run()
 
     out = torch.stack([r.tokens for r in rows]).to(input_ids.device)
     result = SampleResult(
@@ -378,7 +447,7 @@ def sample(
 class _Engine:
     """Runs shared passes for all unfinished rows; owns the cache and the relative-position table."""
 
-    def __init__(self, model, rows, length, k, use_cache, target, callback):
+    def __init__(self, model, rows, length, max_k, use_cache, target, callback):
         self.model = model
         self.rows = [r for r in rows if not r.done]
         self.use_cache = use_cache
@@ -386,7 +455,7 @@ class _Engine:
         self.callback = callback
         self.device = model.device
         self.rel_table = model.relative_table(max(length, 1)) if self.rows else None
-        self.cache = ContentCache(model, len(self.rows), length + k + 2) if use_cache and self.rows else None
+        self.cache = ContentCache(model, len(self.rows), length + max_k + 2) if use_cache and self.rows else None
 
     def run(self) -> None:
         while self.rows:
