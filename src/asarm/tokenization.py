@@ -63,8 +63,12 @@ def load_tokenizer(directory: str | Path):
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises many types for bad files
+        hint = ""
+        if (directory / "spiece.model").is_file() and not tok_json.is_file():
+            hint = (" Reading a SentencePiece spiece.model needs the sentencepiece and protobuf "
+                    "packages (pip install sentencepiece protobuf); the file may also be corrupt.")
         raise CheckpointError(
-            f"{directory}: could not load the tokenizer files ({type(exc).__name__}: {exc})"
+            f"{directory}: could not load the tokenizer files ({type(exc).__name__}: {exc}).{hint}"
         ) from None
     if isinstance(tokenizer, bool) or tokenizer is None:
         raise CheckpointError(f"{directory}: could not load the tokenizer files")
