@@ -81,7 +81,8 @@ def test_save_in_bf16(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / "model.safetensors"))["transformer.mask_emb"].dtype == torch.bfloat16
-    assert load_model(tmp_path).dtype == torch.bfloat16  # kept as stored unless dtype is given
+    assert load_model(tmp_path).dtype == torch.float32  # upcast to fp32 unless dtype is given
+    assert load_model(tmp_path, dtype="bf16").dtype == torch.bfloat16
     assert load_model(tmp_path, dtype="fp32").dtype == torch.float32
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import ASARMConfig
+from .devices import resolve_device, resolve_dtype
 from .errors import CheckpointError, InputError
 from .model import ASARM
 
@@ -48,24 +49,6 @@ EMBEDDING_KEY = "transformer.word_embedding.weight"
 IGNORED_KEY_PATTERNS = (re.compile(r".*position_ids$"),)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    """None, a torch floating dtype, or one of "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"/"float16"."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise InputError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16 (or a torch floating dtype)")
-
 
 def shipped_models() -> list[str]:
     """Short names of the shipped models present in this installation."""
@@ -224,13 +207,14 @@ def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=N
 
     ``mask_token_id`` defaults to the tokenizer's mask token when the checkpoint has tokenizer
     files, else config.json's ``asarm_mask_token_id``, else 6 (XLNet's ``<mask>``). ``dtype``:
-    a torch dtype or "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"; None keeps the stored
-    precision. The tokenizer (or None) is
+    a torch dtype or "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"; None means fp32 (16-bit
+    checkpoints are upcast: fp32 is the fast and exact choice on CPUs). ``device``: None means
+    CUDA when available, else CPU. The tokenizer (or None) is
     attached as ``model.tokenizer`` and the source directory as ``model.name_or_path``.
     """
     from .tokenization import load_tokenizer, mask_token_id as tokenizer_mask_id
 
-    dtype = parse_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     directory = resolve(name_or_path, revision)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json found (not an HF XLNet-format checkpoint directory)")
@@ -247,12 +231,12 @@ def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=N
     state = load_state_dict(directory)
     model = ASARM(config)
     state = match_state_dict(model, state, str(directory))
-    if dtype is None:  # keep the stored precision, like transformers' dtype="auto"
-        dtype = state[EMBEDDING_KEY].dtype
+    if dtype is None:
+        dtype = torch.float32
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     del state
-    model.to(device=device, dtype=dtype)
+    model.to(device=resolve_device(device), dtype=dtype)
     model.eval()
     model.tokenizer = tokenizer
     model.name_or_path = str(directory)
@@ -267,7 +251,7 @@ def save_model(model: ASARM, directory: str | Path, tokenizer=None, dtype=None) 
     """
     from safetensors.torch import save_file
 
-    dtype = parse_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     directory = Path(directory)

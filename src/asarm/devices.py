@@ -14,12 +14,14 @@ DTYPES = {
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """None, a torch floating dtype, or one of "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"/"float16"."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
-    try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16") from None
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    raise InputError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16 (or a torch floating dtype)")
 
 
 def resolve_device(device) -> torch.device:

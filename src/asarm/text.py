@@ -143,6 +143,14 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, **samp
     """
     from . import sampling
 
+    tokenizer, input_ids, masked = _prepare(model, text, tokenizer)
+    result = sampling.sample(model, input_ids, masked, **sample_options)
+    filled = fill_text(tokenizer, result.input_ids)
+    return (filled, result) if return_result else filled
+
+
+def _prepare(model, text: str, tokenizer):
+    """Tokenizer (the model's by default), token ids and hidden mask of a marked-up text."""
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -161,6 +169,55 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, **samp
             f"the tokenizer produced token id {int(visible.max())}, outside the model's vocabulary of "
             f"{config.vocab_size}: the tokenizer does not belong to this model"
         )
-    result = sampling.sample(model, input_ids, masked, **sample_options)
+    return tokenizer, input_ids, masked
+
+
+def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = False, **sample_options):
+    """Like ``infill``, but calls ``on_text(piece)`` as the text fills in: each piece extends
+    the part of the text that is final, left to right (tokens decoded out of order appear once
+    everything before them is known). Returns ``(text, result)``.
+
+    With ``progress`` a progress bar over the hidden tokens goes to stderr.
+    """
+    from . import sampling
+
+    tokenizer, input_ids, masked = _prepare(model, text, tokenizer)
+    known = (~masked).tolist()
+    ids = input_ids.tolist()
+    state = {"frontier": 0, "emitted": 0}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(masked.sum()), unit="tok", leave=False)
+
+    def advance():
+        f = state["frontier"]
+        while f < len(ids) and known[f]:
+            f += 1
+        if f > state["frontier"]:
+            state["frontier"] = f
+            prefix = decode(tokenizer, ids[:f])
+            # a prefix may end inside a multi-byte character: wait until it decodes cleanly
+            if not prefix.endswith("\ufffd") and len(prefix) > state["emitted"]:
+                on_text(prefix[state["emitted"] :])
+                state["emitted"] = len(prefix)
+
+    def on_tokens(row, positions, tokens):
+        for pos, tok in zip(positions, tokens):
+            known[pos] = True
+            ids[pos] = tok
+        if bar is not None:
+            bar.update(len(positions))
+        advance()
+
+    advance()
+    try:
+        result = sampling.sample(model, input_ids, masked, callback=on_tokens, **sample_options)
+    finally:
+        if bar is not None:
+            bar.close()
     filled = fill_text(tokenizer, result.input_ids)
-    return (filled, result) if return_result else filled
+    if len(filled) > state["emitted"]:
+        on_text(filled[state["emitted"] :])
+    return filled, result
