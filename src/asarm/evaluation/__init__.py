@@ -1,0 +1,128 @@
+"""Evaluation harnesses that reproduce the paper's tables (DESIGN §4).
+
+    asarm eval wikitext              speed/quality: sequential vs ASSD self vs ASSD n-gram
+    asarm eval rocstories            story infilling, ROUGE-1/2/L
+    asarm eval humaneval-infilling   code infilling, pass@1 (sandboxed execution)
+    asarm eval merge DIR             combine the shards of a run
+
+Every run writes to ``--output`` (default ``eval-results/<task>-<model>``): ``meta.json`` (the
+settings), ``records*.jsonl`` (one record per example and decoding configuration; a rerun resumes),
+``summary.json``, ``summary.md`` (our numbers beside the paper's) and, with ``--sweep-k``,
+``sweep_k.png``. Python API: ``run_task(task, model, configs=..., out_dir=...)`` with a task from
+``WikiTextTask``, ``RocStoriesTask`` or ``HumanEvalInfillingTask``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from .common import DecodeConfig, decode_configs, parse_shard, parse_sweep
+from .runner import run_task
+
+__all__ = ["add_cli", "run_task", "DecodeConfig", "decode_configs", "TASKS", "run_from_args"]
+
+TASKS = ("wikitext", "rocstories", "humaneval-infilling")
+
+
+def _task_module(name: str):
+    from . import humaneval, rocstories, wikitext
+
+    return {"wikitext": wikitext, "rocstories": rocstories, "humaneval-infilling": humaneval}[name]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "model"
+
+
+def default_output(args) -> Path:
+    model = Path(args.model).name if args.model else "asarm-en-small"
+    name = args.eval_task if args.eval_task != "humaneval-infilling" else f"humaneval-{args.variant}"
+    if getattr(args, "revision", None):
+        model += f"-{args.revision}"
+    return Path("eval-results") / f"{name}-{_slug(model)}"
+
+
+def run_from_args(args, model=None) -> dict:
+    """Run the evaluation an ``asarm eval <task>`` command line describes (``model`` given: use
+    it instead of loading ``--model``). Returns the summary."""
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.temperature > 0:
+        raise InputError(f"--temperature must be > 0, got {args.temperature}")
+    method = args.method or ("all" if args.eval_task == "wikitext" else "assd")
+    configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k))
+    shard = parse_shard(args.shard)
+    if model is None:
+        from ..cli import load_cli_model
+
+        model = load_cli_model(args)
+    task = _task_module(args.eval_task).build_task(model, args)
+    out = Path(args.output) if args.output else default_output(args)
+    summary = run_task(task, model, configs=configs, out_dir=out, batch_size=args.batch_size, seed=args.seed,
+                       shard=shard, limit=args.limit, temperature=args.temperature, overwrite=args.overwrite,
+                       progress=not args.no_progress, model_name=args.model or "asarm-en-small",
+                       revision=args.revision)
+    suffix = "" if shard[1] == 1 else f".shard-{shard[0]}-of-{shard[1]}"
+    print((out / f"summary{suffix}.md").read_text())
+    print(f"results in {out}/", file=sys.stderr)
+    return summary
+
+
+def cmd_eval(args) -> int:
+    run_from_args(args)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .report import merge
+
+    for folder in args.folders:
+        merge(folder)
+        print((Path(folder) / "summary.md").read_text())
+    return 0
+
+
+def _common_arguments(p) -> None:
+    from ..cli import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the protocol and the samplers (default 0)")
+    p.add_argument("--method", default=None, choices=["all", "sequential", "assd"],
+                   help="decoding: all = sequential + ASSD self + ASSD n-gram (default for wikitext), "
+                        "sequential, or assd (default otherwise)")
+    p.add_argument("--draft", default="self", choices=["self", "ngram", "both"], help="ASSD draft (default self)")
+    p.add_argument("-k", type=int, default=5, help="ASSD draft block size (default 5, as the paper)")
+    p.add_argument("--sweep-k", nargs="?", const="1,2,3,5,8", default=None, metavar="K,K,...",
+                   help="run sequential + ASSD at each k (default list 1,2,3,5,8) and plot quality and "
+                        "passes per token against k")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1, help="rows sampled together (default 1: per-example timings)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run shard I of N (0-based; default: torchrun's "
+                   "RANK/WORLD_SIZE if set); combine the shards with `asarm eval merge DIR`")
+    p.add_argument("--output", default=None, help="output folder (default eval-results/<task>-<model>)")
+    p.add_argument("--overwrite", action="store_true", help="discard the folder's earlier records instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="eval_task", required=True)
+    for name in TASKS:
+        module = _task_module(name)
+        doc = (module.__doc__ or name).strip().splitlines()[0]
+        q = sub.add_parser(name, help=doc, description=module.__doc__)
+        module.add_arguments(q)
+        _common_arguments(q)
+        if name != "humaneval-infilling":
+            q.set_defaults(variant=None)
+        q.set_defaults(func=cmd_eval)
+    q = sub.add_parser("merge", help="combine the shards of a run: records, summary, table, plots")
+    q.add_argument("folders", nargs="+", help="output folder(s) of sharded runs")
+    q.set_defaults(func=cmd_merge)
