@@ -226,8 +226,8 @@ def load_bench_model(name: str | None, device, dtype, seed: int):
     return load_model(name, device=device, dtype=dtype)
 
 
+@torch.no_grad()
 def cmd_bench(args) -> int:
-    torch.set_grad_enabled(False)
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = args.settings.split(",")
     batches = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else []
