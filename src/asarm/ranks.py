@@ -52,14 +52,21 @@ def ranks_from_order(length: int, hidden_order: torch.Tensor, valid_length: int 
 
 def training_ranks(batch: int, length: int, hidden_fraction: torch.Tensor, generator: torch.Generator,
                    random_order: bool = False) -> torch.Tensor:
-    """The paper's training structure: per row, round(fraction * L) hidden positions chosen
-    uniformly; visible first, then hidden left to right (or in a uniformly random order)."""
-    ranks = torch.empty(batch, length, dtype=torch.long)
-    for b in range(batch):
-        n_hidden = int(round(float(hidden_fraction[b]) * length))
-        n_hidden = min(max(n_hidden, 1), length)
-        masked = torch.zeros(length, dtype=torch.bool)
-        masked[torch.randperm(length, generator=generator)[:n_hidden]] = True
-        order = decoding_order(masked, "random" if random_order else "left-to-right", generator)
-        ranks[b] = ranks_from_order(length, order)
-    return ranks
+    """The paper's training structure: per row, round(fraction * L) hidden positions (at least 1)
+    chosen uniformly; visible first (rank 0), then hidden left to right (or in a uniformly random
+    order). Vectorised over the batch; the same ranks ``ranks_from_order`` would build from the
+    hidden mask and its decoding order."""
+    fraction = torch.as_tensor(hidden_fraction, dtype=torch.float64).reshape(-1).cpu()
+    if fraction.numel() != batch:
+        raise InputError(f"hidden_fraction needs {batch} values, got {fraction.numel()}")
+    n_hidden = torch.round(fraction * length).long().clamp(1, length)
+    # The n smallest of L uniform keys are a uniformly random n-subset.
+    keys = torch.rand(batch, length, generator=generator)
+    slot = keys.argsort(dim=1).argsort(dim=1)  # position's place in the random permutation
+    masked = slot < n_hidden[:, None]
+    if random_order:
+        okeys = torch.rand(batch, length, generator=generator).masked_fill(~masked, 2.0)
+        rank = okeys.argsort(dim=1).argsort(dim=1) + 1
+    else:
+        rank = masked.long().cumsum(dim=1)
+    return torch.where(masked, rank, torch.zeros_like(rank))
