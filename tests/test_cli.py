@@ -122,6 +122,11 @@ def test_bench_writes_json_and_plot(tmp_path, capsys, checkpoint):
     assert "full-recompute sequential" in names and "batched cached ASSD B=2" in names
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in data["records"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS)
     code, _, _ = run(capsys, "bench", "--model", checkpoint, "--suite", "speedups", "--lengths", "16",
-                     "--settings", "50%-spans", "--window", "2", "--out", str(tmp_path / "s"))
+                     "--settings", "50%-spans", "--window", "2", "--out", str(tmp_path / "s"), "--text-file", str(text))
     assert code == 0
+    data = json.loads((tmp_path / "s" / "bench.json").read_text())
+    assert {r["config"] for r in data["records"]} >= {"ASSD", "ASSD + one-pass", "ASSD + bonus"}
+    assert data["meta"]["inputs"] == str(text) and "16" in data["meta"]["full_pass_seconds"]

@@ -74,12 +74,18 @@ def speedup_configs(k: int) -> list[Config]:
     ]
 
 
-def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int):
-    """[batch, L] random visible tokens and a hidden mask: '95%' hides 95% of positions
-    uniformly; '50%-spans' hides random spans covering half the sequence."""
+def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int, corpus=None):
+    """[batch, L] visible tokens and a hidden mask: '95%' hides 95% of positions uniformly;
+    '50%-spans' hides random spans covering half the sequence. Tokens come from ``corpus`` (a
+    1-D tensor of token ids, consecutive chunks) when given, else uniformly at random."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, length), generator=g)
-    ids[ids == mask_id] = (mask_id + 1) % vocab
+    if corpus is not None:
+        if len(corpus) < batch * length:
+            raise InputError(f"the benchmark text has {len(corpus)} tokens; {batch * length} are needed")
+        ids = corpus[: batch * length].view(batch, length).clone()
+    else:
+        ids = torch.randint(0, vocab, (batch, length), generator=g)
+        ids[ids == mask_id] = (mask_id + 1) % vocab
     masked = torch.zeros(batch, length, dtype=torch.bool)
     for b in range(batch):
         if setting == "95%":
@@ -151,15 +157,32 @@ def time_config(model, ids, masked, cfg: Config, window: int, stages, full: bool
     return dict(tokens=tokens, passes=passes, rounds=rounds, steps=steps_total, seconds=seconds)
 
 
+def time_full_pass(model, length: int, repeats: int = 2) -> float:
+    """Seconds for one full-recompute pass with every position known (L content rows, one
+    query): the dearest pass of a full-recompute run."""
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=model.device)
+    ranks = torch.zeros(1, length, dtype=torch.long, device=model.device)
+    ranks[0, -1] = 1
+    model.chain_logits(ids, ranks)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(model.device)
+        start = time.perf_counter()
+        model.chain_logits(ids, ranks)
+        sync(model.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def run_bench(model, lengths, settings, configs, window=6, stages=(0.0, 0.2, 0.4, 0.6, 0.8), full=False,
-              seed=0, progress_bar=True) -> list[dict]:
+              seed=0, progress_bar=True, corpus=None) -> list[dict]:
     from tqdm import tqdm
 
     records = []
     jobs = [(L, s, c) for L in lengths for s in settings for c in configs]
     cache_bytes_per_token = 2 * model.config.n_layer * model.config.d_model * torch.finfo(model.dtype).bits // 8
     for L, setting, cfg in tqdm(jobs, desc="bench", disable=not progress_bar):
-        ids, masked = make_inputs(setting, L, model.config.vocab_size, model.config.mask_token_id, cfg.batch, seed)
+        ids, masked = make_inputs(setting, L, model.config.vocab_size, model.config.mask_token_id, cfg.batch, seed, corpus)
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(model.device)
         stats = time_config(model, ids.to("cpu"), masked, cfg, window, stages, full, seed)
@@ -215,6 +238,17 @@ def plot(records, path: Path) -> None:
     plt.close(fig)
 
 
+def read_text_file(path: str) -> str:
+    import gzip
+
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+
+
 def load_bench_model(name: str | None, device, dtype, seed: int):
     if name in (None, "random-base"):
         torch.manual_seed(seed)
@@ -234,19 +268,31 @@ def cmd_bench(args) -> int:
     suite = speedup_configs(args.k) if args.suite == "speedups" else default_configs(args.k, batches)
     configs = [c for c in suite if not args.only or any(o in c.name for o in args.only.split(","))]
     model = load_bench_model(args.model, args.device, args.dtype, args.seed)
-    records = run_bench(model, lengths, settings, configs, window=args.window, full=args.full, seed=args.seed)
+    corpus = None
+    if args.text_file:
+        from .tokenization import encode
+
+        if model.tokenizer is None:
+            raise InputError("--text-file needs a model with a tokenizer")
+        corpus = torch.tensor(encode(model.tokenizer, read_text_file(args.text_file)))
+    records = run_bench(model, lengths, settings, configs, window=args.window, full=args.full, seed=args.seed,
+                        corpus=corpus)
+    full_pass = {L: time_full_pass(model, L) for L in lengths}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=getattr(model, "name_or_path", args.model), parameters=model.num_parameters(),
                 device=str(model.device), dtype=str(model.dtype), torch=torch.__version__,
                 threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                 window=args.window, full=args.full, timing="full runs" if args.full else
-                "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command="asarm " + " ".join(sys.argv[1:]))
+                "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command="asarm " + " ".join(sys.argv[1:]),
+                inputs=args.text_file or "uniformly random tokens", full_pass_seconds=full_pass)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, records=records), indent=2))
     table = markdown_table(records)
     (out / "bench.md").write_text(table + "\n")
     plot(records, out / "bench.png")
     print(table)
+    print("one full-recompute pass (L content rows + 1 query): " +
+          ", ".join(f"L={L}: {t:.3f}s" for L, t in full_pass.items()))
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return 0
 
@@ -261,6 +307,8 @@ def add_cli(sub) -> None:
                    help="cache: full recompute vs cache vs batches; speedups: plain ASSD vs bonus/one-pass/adaptive k")
     p.add_argument("--only", default=None, help="comma-separated substrings of configuration names to run")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--text-file", default=None, help="take visible tokens from this text (.txt or .gz) "
+                   "instead of random tokens; needs a model with a tokenizer")
     p.add_argument("--window", type=int, default=6, help="timed passes per window")
     p.add_argument("--full", action="store_true", help="time whole runs instead of windows")
     p.add_argument("--device", default=None)

@@ -122,7 +122,7 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asarm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models and exact ASSD sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("infill", help="fill [MASK:n] holes in a text",
@@ -148,15 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the shipped models")
     p.set_defaults(func=cmd_models)
 
-    for module_name in ("scoring", "train", "evaluation", "bench"):
-        try:
-            module = __import__(f"asarm.{module_name}", fromlist=["add_cli"])
-        except ModuleNotFoundError as exc:  # a part not installed in this build
-            if exc.name != f"asarm.{module_name}":
-                raise
-            continue
-        if hasattr(module, "add_cli"):  # TODO(final): import all parts directly
-            module.add_cli(sub)
+    from . import bench, evaluation, scoring, train
+
+    for part in (scoring, train, evaluation, bench):
+        part.add_cli(sub)
     return parser
 
 

@@ -19,6 +19,11 @@ ASSD round with the self draft (k positions t1..tk left to right in the order):
   draw from normalize(max(0, q_i - p_i)) and end the round.
 With the n-gram draft, proposals come from counts (no pass), the oracle pass also verifies d_1,
 and the pending token of the previous round rides along in the oracle pass.
+
+``Speculation`` adds exact refinements: a bonus query after the last draft (a free exact token
+when every draft is accepted), one-pass rounds (the oracle pass also proposes the next block,
+so drafts queue up without draft passes) and adaptive k. Whatever a proposal is, accepting with
+min(1, q/p) and resampling from the residual yields q, so each variant draws the same joint.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class TargetDistribution:
 
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Final (log-)weights, float32, -inf where a token is excluded."""
-        x = logits.float()
+        x = logits.to(torch.float32, copy=True)
         x[..., self.mask_token_id] = -math.inf  # dropped before the softmax, never after
         if self.greedy:
             best = x.argmax(-1, keepdim=True)
