@@ -105,6 +105,7 @@ class TrainConfig:
     threads: int | None = None
     device: str | None = None
     name: str | None = None
+    trace_chunks: bool = False  # each rank appends its chunk indices per step to chunks-rank<r>.txt (tests)
 
     def validate(self) -> None:
         problems = []
@@ -696,7 +697,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     last_loss = float("nan")
     while step < cfg.max_steps:
         low, high = mask_range(cfg, step)
-        batch = stream.next_batch()  # [batch_size * grad_accum, L] for this rank
+        indices = stream.next_indices()
+        batch = train_chunks[indices].long()  # [batch_size * grad_accum, L] for this rank
+        if cfg.trace_chunks:
+            with open(out_dir / f"chunks-rank{dist.rank}.txt", "a") as f:
+                f.write(f"{step + 1} " + " ".join(map(str, indices.tolist())) + "\n")
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum):
