@@ -154,7 +154,9 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cp
         return ExecResult("passed", "", elapsed)
     if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU):
         return ExecResult("timeout", f"CPU time limit ({cpu}s) exceeded", elapsed)
-    tail = "\n".join(err_text.replace(marker, "").strip().splitlines()[-5:])
+    # no temporary path in the detail: records of the same program are identical across runs
+    err_text = err_text.replace(marker, "").replace(tmp + os.sep, "").replace(tmp, ".")
+    tail = "\n".join(err_text.strip().splitlines()[-5:])
     if proc.returncode == 0:
         tail = tail or "program exited before running to its end"
     return ExecResult("failed", tail or f"exit code {proc.returncode}", elapsed)
