@@ -14,6 +14,7 @@ settings), ``records*.jsonl`` (one record per example and decoding configuration
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -25,6 +26,11 @@ from .runner import run_task
 __all__ = ["add_cli", "run_task", "DecodeConfig", "decode_configs", "TASKS", "run_from_args"]
 
 TASKS = ("wikitext", "rocstories", "humaneval-infilling")
+HELP = {
+    "wikitext": "WikiText-2 test, 95%% hidden: NFE, tokens/round, time, entropy, generative perplexity",
+    "rocstories": "ROCStories sentence-3 infilling: ROUGE-1/2/L",
+    "humaneval-infilling": "HumanEval infilling (single-line, multi-line, random-span): pass@1, sandboxed",
+}
 
 
 def _task_module(name: str):
@@ -116,8 +122,8 @@ def add_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="eval_task", required=True)
     for name in TASKS:
         module = _task_module(name)
-        doc = (module.__doc__ or name).strip().splitlines()[0]
-        q = sub.add_parser(name, help=doc, description=module.__doc__)
+        q = sub.add_parser(name, help=HELP[name], description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(q)
         _common_arguments(q)
         if name != "humaneval-infilling":

@@ -217,6 +217,7 @@ def plot_sweep(summary: dict, path: Path) -> bool:
     axes[1].set_ylabel("network passes per generated token")
     for ax in axes:
         ax.set_xlabel("k (draft block size)")
+        ax.set_xticks(sorted({k for pts in series.values() for k, _ in pts}))
         ax.legend()
         ax.grid(alpha=0.3)
     model = (summary.get("model") or {}).get("model")
