@@ -636,11 +636,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             set_rng_states(rng)
         resume_step = step
         log(f"resumed from {ck} at step {step}")
-    ddp_model = model
+    ddp_model = _LossModule(model)  # DDP hooks run on forward(): the loss is computed there
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # XLNet's segment parameters (r_s_bias, seg_embed) take no part in the loss (one segment)
+        ddp_model = DDP(ddp_model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=True)
 
     train_log = valid_log = tb = None
     if dist.main:
@@ -713,7 +715,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             ctx = ddp_model.no_sync() if not sync else _nullcontext()
             with ctx:
                 with _autocast(device):
-                    loss = chain_loss(ddp_model, ids.to(device), ranks.to(device))
+                    loss = ddp_model(ids.to(device), ranks.to(device))
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().double().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -804,6 +806,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
+
+
+class _LossModule(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, ranks):
+        return chain_loss(self.model, input_ids, ranks)
 
 
 class _nullcontext:
