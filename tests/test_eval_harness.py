@@ -123,6 +123,8 @@ def test_infill_context_is_trimmed_to_the_model_limit(model):
     # the program uses the full original prompt and suffix even when the model saw less
     recs = task.score(ex, *fill_oracle(ex))
     assert all(r["passed"] or r["status"] == "skipped" for r in recs)
+    capped = HumanEvalInfillingTask(model, variant="single-line", workers=1, max_tokens=30).examples(limit=3)
+    assert all(len(e.ids) <= 30 for e in capped)
 
 
 def test_statistics():

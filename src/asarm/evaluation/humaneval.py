@@ -63,7 +63,7 @@ class HumanEvalInfillingTask:
     name = "humaneval-infilling"
 
     def __init__(self, model, *, variant: str = "single-line", data=None, timeout: float = 10.0,
-                 memory_mb: int = 1024, workers: int = 4):
+                 memory_mb: int = 1024, workers: int = 4, max_tokens: int | None = None):
         self.model = model
         tok = getattr(model, "tokenizer", None)
         if tok is None:
@@ -74,16 +74,18 @@ class HumanEvalInfillingTask:
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.workers = workers
+        self.max_tokens = _max_tokens(model, max_tokens)
 
     def settings(self) -> dict:
         return {"variant": self.variant, "data": str(self.path), "timeout_s": self.timeout,
-                "memory_mb": self.memory_mb, "hidden": "canonical middle, true token length"}
+                "memory_mb": self.memory_mb, "hidden": "canonical middle, true token length",
+                "max_tokens": self.max_tokens}
 
     def examples(self, limit: int | None) -> list[Example]:
         problems = read_problems(self.path)
         if limit is not None:
             problems = problems[:limit]
-        return [problem_example(i, pr, self.tokenizer, self.model.config.max_length) for i, pr in enumerate(problems)]
+        return [problem_example(i, pr, self.tokenizer, self.max_tokens) for i, pr in enumerate(problems)]
 
     def score(self, examples, outputs, generated) -> list[dict]:
         from ..tokenization import decode
@@ -108,6 +110,15 @@ class HumanEvalInfillingTask:
         return recs
 
 
+def _max_tokens(model, max_tokens):
+    limit = model.config.max_length
+    if max_tokens is None:
+        return limit
+    if max_tokens < 1:
+        raise InputError(f"--max-tokens must be >= 1, got {max_tokens}")
+    return min(max_tokens, limit) if limit else max_tokens
+
+
 def problem_example(index: int, problem: dict, tokenizer, max_len: int | None) -> Example:
     from ..tokenization import encode
 
@@ -130,8 +141,10 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (default 10)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024 MiB)")
     p.add_argument("--workers", type=int, default=4, help="programs run at once (default 4)")
+    p.add_argument("--max-tokens", type=int, default=None, help="trim the prompt's start and the suffix's end so "
+                   "that a sequence has at most this many tokens (default: the model's limit, if it has one)")
 
 
 def build_task(model, args) -> HumanEvalInfillingTask:
     return HumanEvalInfillingTask(model, variant=args.variant, data=args.data, timeout=args.timeout,
-                                  memory_mb=args.memory_mb, workers=args.workers)
+                                  memory_mb=args.memory_mb, workers=args.workers, max_tokens=args.max_tokens)

@@ -43,7 +43,10 @@ def read_stories(path: Path) -> list[dict]:
 class RocStoriesTask:
     name = "rocstories"
 
-    def __init__(self, model, *, data=None, stories: int = DEFAULT_STORIES, use_stemmer: bool = True):
+    def __init__(self, model, *, data=None, stories: int = DEFAULT_STORIES, use_stemmer: bool = True,
+                 max_tokens: int | None = None):
+        from .humaneval import _max_tokens
+
         self.model = model
         tok = getattr(model, "tokenizer", None)
         if tok is None:
@@ -58,10 +61,11 @@ class RocStoriesTask:
         self.stories = stories
         self.use_stemmer = use_stemmer
         self._scorer = None
+        self.max_tokens = _max_tokens(model, max_tokens)
 
     def settings(self) -> dict:
         return {"data": str(self.path), "stories": self.stories, "hidden": "sentence 3, true token length",
-                "rouge": {"use_stemmer": self.use_stemmer}}
+                "rouge": {"use_stemmer": self.use_stemmer}, "max_tokens": self.max_tokens}
 
     def examples(self, limit: int | None) -> list[Example]:
         from ..tokenization import encode
@@ -74,7 +78,7 @@ class RocStoriesTask:
             s1, s2, s3, s4, s5 = st["sentences"]
             prefix, middle, suffix = split_story(st["sentences"])
             p, m, s = encode(self.tokenizer, prefix), encode(self.tokenizer, middle), encode(self.tokenizer, suffix)
-            p, s, fits = fit_infill(p, m, s, self.model.config.max_length)
+            p, s, fits = fit_infill(p, m, s, self.max_tokens)
             if not fits:
                 raise InputError(f"story {st['id']}: sentence 3 alone is longer than the model's limit")
             out.append(Example(i, st["id"], p + m + s, [False] * len(p) + [True] * len(m) + [False] * len(s),
@@ -111,7 +115,10 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="Story Cloze CSV (.csv or .csv.gz; default: the project's offline copy)")
     p.add_argument("--stories", type=int, default=DEFAULT_STORIES, help="first N stories (paper: 1000)")
     p.add_argument("--no-stemmer", action="store_true", help="ROUGE without Porter stemming")
+    p.add_argument("--max-tokens", type=int, default=None, help="trim the context to at most this many tokens "
+                   "(default: the model's limit, if it has one)")
 
 
 def build_task(model, args) -> RocStoriesTask:
-    return RocStoriesTask(model, data=args.data, stories=args.stories, use_stemmer=not args.no_stemmer)
+    return RocStoriesTask(model, data=args.data, stories=args.stories, use_stemmer=not args.no_stemmer,
+                          max_tokens=args.max_tokens)
