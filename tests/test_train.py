@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from asarm.errors import CheckpointError, InputError
-from asarm.train import TrainConfig, evaluate, load_config, main, mask_range, train
+from asarm.train import TrainConfig, evaluate, evaluate_sources, load_config, main, mask_range, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,8 @@ def test_loss_falls_and_export_loads(corpus, tmp_path):
     chunks = torch.load(tmp_path / "run" / "prepared" / "chunks.pt")["valid"]
     a, b = evaluate(model, chunks, seed=5, batch_size=4), evaluate(model, chunks, seed=5, batch_size=4)
     assert a == b and a["tokens"] > 0
+    held = evaluate_sources(tmp_path / "run" / "model", [str(corpus[0])], seq_len=32, max_chunks=4, batch_size=4)
+    assert held["chunks"] == 4 and math.isfinite(held["loss"])
 
 
 def test_resume_after_sigkill_continues_exactly(corpus, tmp_path):

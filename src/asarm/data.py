@@ -8,6 +8,7 @@ A *source* is one of
 - a folder (every file below it, recursively, in sorted order; ``*.py`` only when ``kind`` is
   "code" or the source says ``{"path": ..., "glob": "*.py"}``);
 - ``"python-stdlib"``: the ``*.py`` files of this Python's standard library (test folders skipped);
+  ``"python-stdlib-tests"``: its ``test/test_*.py`` files (held out from "python-stdlib");
 - ``"hf:NAME[:CONFIG][:SPLIT]"``: a Hugging Face ``datasets`` data set (needs the package and
   network access).
 
@@ -249,6 +250,8 @@ def read_documents(source, kind: str = "text") -> Iterator[str]:
     code = kind == "code"
     if spec == "python-stdlib":
         spec, options = str(python_stdlib_dir()), {"glob": "*.py", "skip_tests": True, **options}
+    elif spec == "python-stdlib-tests":  # Lib/test/test_*.py: held out from "python-stdlib"
+        spec, options = str(python_stdlib_dir() / "test"), {"glob": "test_*.py", "skip_tests": False, **options}
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(f"data source {spec} does not exist")

@@ -374,6 +374,30 @@ def evaluate(model, chunks: torch.Tensor, seed: int = 1234, batch_size: int = 16
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
 
+def evaluate_sources(model, sources, kind: str = "text", seq_len: int = 256, max_chunks: int | None = 512,
+                     seed: int = 1234, low: float = 0.85, high: float = 0.99, batch_size: int = 16,
+                     max_chars: int | None = None) -> dict:
+    """Held-out loss/perplexity of ``model`` (an ASARM with ``.tokenizer``, or anything
+    ``load_model`` reads) on data sources (``asarm.data`` syntax), under the paper's order with
+    fixed masks from ``seed``: hidden fraction uniform in [low, high] (low == high for a fixed rate).
+    Documents are packed into ``seq_len`` chunks separated by eos; the first ``max_chunks`` count."""
+    from .data import load_documents, pack, tokenize_documents
+
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoint import load_model
+
+        model = load_model(model, device="cpu")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise InputError("the model has no tokenizer files: cannot tokenize held-out text")
+    docs = load_documents(sources, kind=kind, max_chars=max_chars)
+    chunks = pack(tokenize_documents(tokenizer, docs), seq_len, model.config.eos_token_id)
+    result = evaluate(model, chunks, seed=seed, batch_size=batch_size, low=low, high=high, max_chunks=max_chunks)
+    result.update({"chunks": min(len(chunks), max_chunks or len(chunks)), "seq_len": seq_len,
+                   "hidden_fraction": [low, high], "seed": seed})
+    return result
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
