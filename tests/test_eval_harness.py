@@ -159,7 +159,8 @@ def test_wikitext_end_to_end_with_self_ppl(model, tmp_path):
     assert len(recs) == 6 and all(r["text"] for r in recs)
 
 
-def test_wikitext_with_a_transformers_evaluator(model, tmp_path):
+def test_wikitext_with_a_transformers_evaluator(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch a hub in tests
     from transformers import GPT2Config, GPT2LMHeadModel
 
     ev = tmp_path / "tiny-gpt2"

@@ -179,6 +179,22 @@ class SelfEvaluator:
         return [math.exp(x) for x in nll], [{"self_nll": x} for x in nll]
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (skips transformers' long retry loop offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 class HFEvaluator:
     """Perplexity of decoded text under a `transformers` causal LM (the paper: gpt2-large)."""
 
@@ -189,16 +205,19 @@ class HFEvaluator:
             raise InputError("the transformers package is needed for --evaluator") from None
         local = Path(name).is_dir()
         try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            lm = AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
+        except Exception as exc:
+            if local:
+                raise InputError(f"could not load the evaluator {name!r} ({type(exc).__name__}: {exc})") from None
+            if not hub_reachable():
+                raise InputError(f"could not load the evaluator {name!r}: not in the local cache and the "
+                                 "Hugging Face hub is unreachable") from None
             try:
-                tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-                lm = AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
-            except Exception:
-                if local:
-                    raise
                 tok = AutoTokenizer.from_pretrained(name)
                 lm = AutoModelForCausalLM.from_pretrained(name)
-        except Exception as exc:
-            raise InputError(f"could not load the evaluator {name!r} ({type(exc).__name__})") from None
+            except Exception as exc2:
+                raise InputError(f"could not load the evaluator {name!r} ({type(exc2).__name__})") from None
         self.name = name
         self.label = f"gen-PPL under {name}"
         self.tokenizer = tok
