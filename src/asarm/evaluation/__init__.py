@@ -63,6 +63,12 @@ def run_from_args(args, model=None) -> dict:
     method = args.method or ("all" if args.eval_task == "wikitext" else "assd")
     configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k))
     shard = parse_shard(args.shard)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if model is None:
         from ..cli import load_cli_model
 
@@ -114,6 +120,8 @@ def _common_arguments(p) -> None:
     p.add_argument("--output", default=None, help="output folder (default eval-results/<task>-<model>)")
     p.add_argument("--overwrite", action="store_true", help="discard the folder's earlier records instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; "
+                   "use 1 on a machine shared with other jobs, where extra threads only spin)")
 
 
 def add_cli(subparsers) -> None:

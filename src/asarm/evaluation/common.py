@@ -203,7 +203,7 @@ def write_or_check_meta(out_dir: Path, meta: dict, overwrite: bool = False) -> N
         except json.JSONDecodeError:
             old = None
         if old is not None:
-            keys = [k for k in meta if k not in ("configs",)]
+            keys = [k for k in meta if k not in ("configs", "runtime")]
             diff = [k for k in keys if old.get(k) != meta.get(k)]
             if diff:
                 k = diff[0]

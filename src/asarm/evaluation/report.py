@@ -88,6 +88,7 @@ def summarize(meta: dict, records: list[dict]) -> dict:
         "seed": meta.get("seed"),
         "batch_size": meta.get("batch_size"),
         "temperature": meta.get("temperature"),
+        "runtime": meta.get("runtime"),
         "configs": configs,
         "paper": PAPER.get(task, []),
         "paper_note": PAPER_NOTES.get(task),
@@ -122,10 +123,12 @@ def markdown(summary: dict) -> str:
     task = summary["task"]
     model = summary.get("model") or {}
     settings = summary.get("settings") or {}
+    rt = summary.get("runtime") or {}
     lines = [f"# asarm eval {task}", ""]
     lines.append(f"Model: `{model.get('model')}`" + (f" (revision {model.get('revision')})" if model.get("revision") else "")
                  + f", {model.get('parameters', '?')} parameters, {model.get('dtype')}; seed {summary.get('seed')}, "
-                 f"batch size {summary.get('batch_size')}, temperature {summary.get('temperature')}.")
+                 f"batch size {summary.get('batch_size')}, temperature {summary.get('temperature')}"
+                 + (f"; {rt.get('device')}, {rt.get('threads')} torch thread(s)." if rt else "."))
     lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "evaluator_label") + ".")
     lines.append("")
     rows = summary["configs"]

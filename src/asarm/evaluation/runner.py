@@ -57,6 +57,7 @@ def run_task(task, model, *, configs: list[DecodeConfig], out_dir, batch_size: i
         "batch_size": batch_size,
         "temperature": temperature,
         "configs": [c.name for c in configs],
+        "runtime": {"device": str(model.device), "threads": torch.get_num_threads()},  # not checked on resume
     }
     write_or_check_meta(out_dir, meta, overwrite=overwrite)
     rec_path = records_path(out_dir, shard)
