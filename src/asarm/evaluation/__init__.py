@@ -15,9 +15,12 @@ settings), ``records*.jsonl`` (one record per example and decoding configuration
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
+
+import torch
 
 from ..errors import InputError
 from .common import DecodeConfig, decode_configs, parse_shard, parse_sweep
@@ -66,12 +69,13 @@ def run_from_args(args, model=None) -> dict:
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
         torch.set_num_threads(args.threads)
     if model is None:
         from ..cli import load_cli_model
 
+        local_rank = os.environ.get("LOCAL_RANK")
+        if args.shard is None and args.device is None and local_rank is not None and torch.cuda.is_available():
+            args.device = f"cuda:{int(local_rank) % torch.cuda.device_count()}"  # torchrun: a GPU per process
         model = load_cli_model(args)
     task = _task_module(args.eval_task).build_task(model, args)
     out = Path(args.output) if args.output else default_output(args)
