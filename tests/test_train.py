@@ -94,6 +94,12 @@ def test_loss_falls_and_export_loads(corpus, tmp_path):
     with open(tmp_path / "run" / "valid_log.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["10", "20", "30", "40"]
     assert (tmp_path / "run" / "loss.png").is_file()
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
     assert 1 <= len(ckpts) <= 2  # last + best only
     model = load_model(tmp_path / "run" / "model", device="cpu")
