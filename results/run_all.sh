@@ -11,21 +11,21 @@ COMMON="--threads 1 --no-progress --seed 0"
 
 en_jobs() {
   # the paper's speed/quality table at the length the model was trained for (128 tokens)
-  $ASARM eval wikitext --model "$EN" --length 128 --limit 200 --evaluator self $COMMON --output results/wikitext-L128
+  $ASARM eval wikitext --model "$EN" --length 128 --limit 100 --evaluator self $COMMON --output results/wikitext-L128
+  # ROCStories: the first 500 of the paper's 1,000 stories, sequential + ASSD at k = 1, 2, 3, 5, 8
+  $ASARM eval rocstories --model "$EN" --limit 500 --sweep-k $COMMON --output results/rocstories
+  # k sweep on WikiText (sequential + ASSD self-draft at k = 1, 2, 3, 5, 8)
+  $ASARM eval wikitext --model "$EN" --length 128 --limit 30 --evaluator self --sweep-k $COMMON --output results/wikitext-sweep-k
   # the paper's length (512 tokens: 4x the training length of this small model)
-  $ASARM eval wikitext --model "$EN" --length 512 --limit 30 --evaluator self $COMMON --output results/wikitext-L512
-  # k sweep (sequential + ASSD self-draft at k = 1, 2, 3, 5, 8)
-  $ASARM eval wikitext --model "$EN" --length 128 --limit 50 --evaluator self --method assd --sweep-k $COMMON --output results/wikitext-sweep-k
-  # ROCStories: all 1,000 stories, sequential + ASSD at k = 1, 2, 3, 5, 8
-  $ASARM eval rocstories --model "$EN" --sweep-k $COMMON --output results/rocstories
+  $ASARM eval wikitext --model "$EN" --length 512 --limit 10 --evaluator self $COMMON --output results/wikitext-L512
 }
 
 py_jobs() {
   $ASARM eval humaneval-infilling --model "$PY" --variant single-line --max-tokens 256 --workers 1 $COMMON --output results/humaneval-single-line
   $ASARM eval humaneval-infilling --model "$PY" --variant random-span-light --max-tokens 256 --workers 1 $COMMON --output results/humaneval-random-span-light
-  $ASARM eval humaneval-infilling --model "$PY" --variant multi-line --limit 300 --max-tokens 256 --workers 1 $COMMON --output results/humaneval-multi-line
-  $ASARM eval humaneval-infilling --model "$PY" --variant random-span --limit 300 --max-tokens 256 --workers 1 $COMMON --output results/humaneval-random-span
-  $ASARM eval humaneval-infilling --model "$PY" --variant single-line --limit 200 --sweep-k --max-tokens 256 --workers 1 $COMMON --output results/humaneval-single-line-sweep-k
+  $ASARM eval humaneval-infilling --model "$PY" --variant multi-line --limit 200 --max-tokens 256 --workers 1 $COMMON --output results/humaneval-multi-line
+  $ASARM eval humaneval-infilling --model "$PY" --variant random-span --limit 200 --max-tokens 256 --workers 1 $COMMON --output results/humaneval-random-span
+  $ASARM eval humaneval-infilling --model "$PY" --variant single-line --limit 100 --sweep-k --max-tokens 256 --workers 1 $COMMON --output results/humaneval-single-line-sweep-k
 }
 
 en_jobs > results/en_jobs.log 2>&1 &

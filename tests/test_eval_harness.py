@@ -26,7 +26,7 @@ from asarm.evaluation.report import merge
 from asarm.evaluation.rocstories import RocStoriesTask, split_story
 from asarm.evaluation.runner import fill_oracle
 from asarm.evaluation.wikitext import SELF_LABEL, WikiTextTask
-from asarm.tokenization import decode, encode, train_tokenizer
+from asarm.tokenization import decode, train_tokenizer
 from conftest import SHARED_DATA, tiny_model
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="offline data (shared/data) not found")
