@@ -22,6 +22,10 @@ PROPORTIONS = {"humaneval-infilling": {"pass@1": "passed", "exact_match": "exact
 QUALITY = {"wikitext": ("gen_ppl", "generative perplexity"), "rocstories": ("rouge1", "ROUGE-1 (x100)"),
            "humaneval-infilling": ("pass@1", "pass@1 (%)")}
 
+# quality metrics compared pairwise with sequential decoding
+PAIRED = {"wikitext": ("gen_ppl", "entropy_sequence_bits"), "rocstories": ("rouge1", "rouge2", "rougeL"),
+          "humaneval-infilling": ("pass@1",)}
+
 PAPER_MODEL = "paper (XLNet-base AS-ARM, a different model)"
 PAPER = {
     "wikitext": [
@@ -81,6 +85,25 @@ def summarize(meta: dict, records: list[dict]) -> dict:
             metrics[key] = {k: (100 * v if isinstance(v, float) and k != "n" else v) for k, v in p.items()}
         configs[name] = {"method": first.get("method"), "draft": first.get("draft"), "k": first.get("k"),
                          "label": _label(first), "n": len(recs), "metrics": metrics}
+    # Exact samplers draw the same distribution: paired differences against sequential (same
+    # examples, same hidden positions) should be centred on zero.
+    seq = {int(r["index"]): r for r in by_config.get("sequential", [])}
+    if seq:
+        for name, c in configs.items():
+            if name == "sequential":
+                continue
+            diffs = {}
+            for key in PAIRED.get(task, ()):
+                field = PROPORTIONS.get(task, {}).get(key, key)
+                vals = [float(r[field]) - float(seq[int(r["index"])][field]) for r in by_config[name]
+                        if int(r["index"]) in seq and r.get(field) is not None
+                        and seq[int(r["index"])].get(field) is not None]
+                if vals:
+                    st = mean_ci(vals)
+                    if key in PROPORTIONS.get(task, {}):
+                        st = {k: (100 * v if isinstance(v, float) else v) for k, v in st.items()}
+                    diffs[key] = st
+            c["paired_vs_sequential"] = diffs
     return {
         "task": task,
         "settings": meta.get("settings"),
@@ -174,6 +197,12 @@ def markdown(summary: dict) -> str:
         for p in PAPER["humaneval-infilling"]:
             who = f"{PAPER_MODEL}: {p['row']}" if "AS-ARM" in p["row"] else f"paper: {p['row']}"
             lines.append(_row([who, "", _p(p["pass@1"]), "", "", "", "", "", ""]))
+    paired = [(c["label"], c.get("paired_vs_sequential") or {}) for c in rows.values() if c.get("paired_vs_sequential")]
+    if paired:
+        lines += ["", "Paired difference from sequential decoding on the same examples (exact samplers: "
+                      "expected 0 within the interval):", ""]
+        for label, d in paired:
+            lines.append(f"- {label}: " + ", ".join(f"Δ{k} = {_fmt(v)}" for k, v in d.items()))
     lines += ["", f"_{PAPER_NOTES.get(task, '')}_", ""]
     lines += [f"- {n}" for n in summary.get("notes", [])]
     return "\n".join(lines) + "\n"
