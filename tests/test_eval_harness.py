@@ -153,8 +153,9 @@ def test_wikitext_end_to_end_with_self_ppl(model, tmp_path):
         assert c["n"] == 2 and m["gen_ppl"]["mean"] > 1 and m["generated_tokens"]["mean"] == 15
         if name == "sequential":
             assert m["nfe"]["mean"] == 15 and m["draft_calls"]["mean"] == 0
+    assert "gen_ppl" in summary["configs"]["assd-self-k5"]["paired_vs_sequential"]
     md = (out / "summary.md").read_text()
-    assert SELF_LABEL in md and "paper (XLNet-base AS-ARM, a different model)" in md and "107.9" in md
+    assert SELF_LABEL in md and "Paired difference from sequential" in md and "paper (XLNet-base AS-ARM, a different model)" in md and "107.9" in md
     recs = read_records([out / "records.jsonl"])
     assert len(recs) == 6 and all(r["text"] for r in recs)
 
