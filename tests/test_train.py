@@ -110,6 +110,11 @@ def test_loss_falls_and_export_loads(corpus, tmp_path):
     chunks = torch.load(tmp_path / "run" / "prepared" / "chunks.pt")["valid"]
     a, b = evaluate(model, chunks, seed=5, batch_size=4), evaluate(model, chunks, seed=5, batch_size=4)
     assert a == b and a["tokens"] > 0
+    # fine-tuning a local HF checkpoint (its tokenizer comes along)
+    ft = tiny_cfg(corpus, tmp_path / "ft", model={}, tokenizer=None, init_from=str(tmp_path / "run" / "model"),
+                  max_steps=3, eval_every=3, save_every=3, grad_accum=2, random_order=True)
+    ft_result = train(TrainConfig(**ft))
+    assert ft_result["step"] == 3 and ft_result["best_valid_loss"] < 4.0  # starts from the trained weights
     held = evaluate_sources(tmp_path / "run" / "model", [str(corpus[0])], seq_len=32, max_chunks=4, batch_size=4)
     assert held["chunks"] == 4 and math.isfinite(held["loss"])
 
