@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from asarm.errors import CheckpointError, InputError
-from asarm.train import TrainConfig, evaluate, evaluate_sources, load_config, main, mask_range, train
+from asarm.train import TrainConfig, evaluate, evaluate_sources, export_run, load_config, main, mask_range, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,10 @@ def test_loss_falls_and_export_loads(corpus, tmp_path):
     chunks = torch.load(tmp_path / "run" / "prepared" / "chunks.pt")["valid"]
     a, b = evaluate(model, chunks, seed=5, batch_size=4), evaluate(model, chunks, seed=5, batch_size=4)
     assert a == b and a["tokens"] > 0
+    # exporting a run's best checkpoint without training (the CLI's --export)
+    exported = export_run(cfg, "best", export_dir=str(tmp_path / "exp"))
+    assert exported["export_step"] == result["export_step"]
+    assert load_model(tmp_path / "exp", device="cpu").config.vocab_size == model.config.vocab_size
     # fine-tuning a local HF checkpoint (its tokenizer comes along)
     ft = tiny_cfg(corpus, tmp_path / "ft", model={}, tokenizer=None, init_from=str(tmp_path / "run" / "model"),
                   max_steps=3, eval_every=3, save_every=3, grad_accum=2, random_order=True)

@@ -605,6 +605,27 @@ def export_model(model, tokenizer, directory: Path, dtype: str = "auto", max_mb:
     return directory, dtype
 
 
+def export_run(cfg: TrainConfig, which: str = "best", export_dir: str | None = None) -> dict:
+    """Export a run's BEST (or LATEST) checkpoint as an HF-format directory without training:
+    for shipping the best-so-far model of a run still going or cut short."""
+    from .tokenization import load_tokenizer
+
+    out_dir = Path(cfg.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    name = _read_pointer(ckpt_root / ("BEST" if which == "best" else "LATEST")) or _read_pointer(ckpt_root / "LATEST")
+    if name is None or not (ckpt_root / name).is_dir():
+        raise CheckpointError(f"{ckpt_root}: no checkpoint to export")
+    tokenizer = load_tokenizer(out_dir / "prepared") if (out_dir / "prepared").is_dir() else None
+    model = build_model(cfg, tokenizer)
+    load_checkpoint_weights(model, ckpt_root / name)
+    model.eval()
+    target = Path(export_dir or cfg.export_dir or out_dir / "model")
+    _, dtype = export_model(model, tokenizer, target, cfg.export_dtype, cfg.max_export_mb)
+    state = torch.load(ckpt_root / name / "trainer_state.pt", weights_only=False)
+    return {"exported": str(target), "export_dtype": dtype, "export_step": state["step"],
+            "best_valid_loss": state.get("best_valid")}
+
+
 # --- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     from .data import ChunkStream, StreamState
@@ -857,10 +878,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key (JSON value; model.d_model=256 for model fields); repeatable")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--out", default=None, help="output directory (overrides out_dir)")
+    p.add_argument("--export", choices=["best", "latest"], default=None,
+                   help="do not train: export the run's best (or latest) checkpoint to export_dir")
 
 
 def run_train_command(args) -> int:
     cfg = load_config(args.config, args.overrides, args.out)
+    if getattr(args, "export", None):
+        print(json.dumps(export_run(cfg, args.export)))
+        return 0
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "model_config"}))
