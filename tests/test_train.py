@@ -106,6 +106,7 @@ def test_loss_falls_and_export_loads(corpus, tmp_path):
     text = "the cat sat on the mat."
     assert decode(model.tokenizer, encode(model.tokenizer, text)) == text
     assert model.config.vocab_size == len(model.tokenizer) and model.config.mask_token_id == 6
+    assert model.config.max_length == 32  # the training length, recorded for samplers and harnesses
     # fixed validation masks: the same number every time
     chunks = torch.load(tmp_path / "run" / "prepared" / "chunks.pt")["valid"]
     a, b = evaluate(model, chunks, seed=5, batch_size=4), evaluate(model, chunks, seed=5, batch_size=4)

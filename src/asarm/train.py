@@ -102,6 +102,9 @@ class TrainConfig:
     export_dtype: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     max_export_mb: float = 25.0
     export_dir: str | None = None  # default: <out_dir>/model
+    # max_length written to the exported config.json ("seq_len": the training length, so that
+    # samplers and evaluation harnesses stay within what the model saw; null: no limit)
+    export_max_length: int | str | None = "seq_len"
     threads: int | None = None
     device: str | None = None
     name: str | None = None
@@ -128,6 +131,9 @@ class TrainConfig:
             problems.append("mask fractions must satisfy 0 < mask_start <= 1 and 0 < mask_low <= mask_high <= 1")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr!r}")
+        eml = self.export_max_length
+        if not (eml is None or eml == "seq_len" or (isinstance(eml, int) and not isinstance(eml, bool) and eml > 0)):
+            problems.append(f"export_max_length must be 'seq_len', null or a positive integer, got {eml!r}")
         if not self.data:
             problems.append("data: give at least one data source")
         if not self.model and not self.init_from:
@@ -588,10 +594,15 @@ def _tensorboard(out_dir: Path):
 
 
 # --- export --------------------------------------------------------------------------------------
-def export_model(model, tokenizer, directory: Path, dtype: str = "auto", max_mb: float = 25.0) -> tuple[Path, str]:
+def export_model(model, tokenizer, directory: Path, dtype: str = "auto", max_mb: float = 25.0,
+                 max_length: int | None = None) -> tuple[Path, str]:
     """HF-format directory; "auto" stores fp32 when it fits in ``max_mb``, else fp16 (more precise
-    than bf16 for small weights) when every weight is in fp16's range, else bf16."""
+    than bf16 for small weights) when every weight is in fp16's range, else bf16. ``max_length``
+    is recorded in config.json (asarm_max_length) when given."""
     from .checkpoint import save_model
+
+    if max_length is not None:
+        model.config = dataclasses.replace(model.config, max_length=int(max_length))
 
     if dtype == "auto":
         n = sum(v.numel() for k, v in model.state_dict().items() if k != "lm_loss.weight")
@@ -603,6 +614,16 @@ def export_model(model, tokenizer, directory: Path, dtype: str = "auto", max_mb:
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     save_model(model, directory, tokenizer=tokenizer, dtype=torch_dtype)
     return directory, dtype
+
+
+def _export_length(cfg: TrainConfig) -> int | None:
+    if cfg.export_max_length == "seq_len":
+        return cfg.seq_len
+    if cfg.export_max_length is None:
+        return None
+    if not isinstance(cfg.export_max_length, int) or cfg.export_max_length < 1:
+        raise InputError(f"export_max_length must be 'seq_len', null or a positive integer, got {cfg.export_max_length!r}")
+    return cfg.export_max_length
 
 
 def export_run(cfg: TrainConfig, which: str = "best", export_dir: str | None = None) -> dict:
@@ -620,7 +641,7 @@ def export_run(cfg: TrainConfig, which: str = "best", export_dir: str | None = N
     load_checkpoint_weights(model, ckpt_root / name)
     model.eval()
     target = Path(export_dir or cfg.export_dir or out_dir / "model")
-    _, dtype = export_model(model, tokenizer, target, cfg.export_dtype, cfg.max_export_mb)
+    _, dtype = export_model(model, tokenizer, target, cfg.export_dtype, cfg.max_export_mb, _export_length(cfg))
     state = torch.load(ckpt_root / name / "trainer_state.pt", weights_only=False)
     return {"exported": str(target), "export_dtype": dtype, "export_step": state["step"],
             "best_valid_loss": state.get("best_valid")}
@@ -823,7 +844,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         load_checkpoint_weights(final_model, ckpt_root / best)
         final_model.eval()
         export_dir = Path(cfg.export_dir) if cfg.export_dir else out_dir / "model"
-        _, dtype = export_model(final_model, tokenizer, export_dir, cfg.export_dtype, cfg.max_export_mb)
+        _, dtype = export_model(final_model, tokenizer, export_dir, cfg.export_dtype, cfg.max_export_mb,
+                                _export_length(cfg))
         best_state = torch.load(ckpt_root / best / "trainer_state.pt", weights_only=False)
         valid_rows = valid_log.rows
         best_row = min(valid_rows, key=lambda r: float(r["valid_loss"])) if valid_rows else None
