@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands behind results/ (CPU, one torch thread per job, two jobs at a time).
-# Usage: bash results/run_all.sh [EN_MODEL] [PY_MODEL]   (defaults: the shipped models)
+# Usage: [JOBS=en|py] bash results/run_all.sh [EN_MODEL] [PY_MODEL]   (defaults: the shipped models)
 # Every command resumes where it stopped when run again (same --output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +27,14 @@ py_jobs() {
   $ASARM eval humaneval-infilling --model "$PY" --variant single-line --limit 100 --sweep-k --max-tokens 256 --workers 1 $COMMON --output results/humaneval-single-line-sweep-k
 }
 
-en_jobs > results/en_jobs.log 2>&1 &
-EN_PID=$!
-py_jobs > results/py_jobs.log 2>&1 &
-PY_PID=$!
-EN_RC=0; wait $EN_PID || EN_RC=$?
-PY_RC=0; wait $PY_PID || PY_RC=$?
-echo "en jobs: $EN_RC, py jobs: $PY_RC"
+# JOBS="en" or JOBS="py" runs one half (e.g. as soon as its model exists); default both at once
+JOBS=${JOBS:-en py}
+PIDS=()
+for job in $JOBS; do
+  ${job}_jobs > "results/${job}_jobs.log" 2>&1 &
+  PIDS+=($!)
+done
+RC=0
+for pid in "${PIDS[@]}"; do wait "$pid" || RC=$?; done
+echo "jobs ($JOBS) finished with exit code $RC"
+exit $RC
