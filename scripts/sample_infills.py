@@ -3,7 +3,8 @@
     python scripts/sample_infills.py MODEL PROMPTS.json [--seed 0] [--top-p 0.9] [--greedy]
 
 PROMPTS.json is a list of texts with ``[MASK:n]`` holes. Prints markdown: each prompt, then the
-filled text exactly as ``infill`` returned it, and the sampler's statistics.
+filled text exactly as ``infill`` returned it (a carriage return shown as ``\\r``), and the
+sampler's statistics.
 """
 
 import argparse
@@ -46,7 +47,8 @@ def main() -> int:
         out, res = infill(model, prompt, return_result=True, **options)
         elapsed = time.perf_counter() - start
         tokens = sum(res.accepted)
-        print(f"{i}. input:\n\n```\n{prompt}\n```\n\n   output:\n\n```\n{out}\n```\n")
+        shown = out.replace("\r", "\\r")  # a carriage return would be invisible in markdown
+        print(f"{i}. input:\n\n```\n{prompt}\n```\n\n   output:\n\n```\n{shown}\n```\n")
         print(f"   ({tokens} tokens, {int(res.nfe)} passes, {int(res.rounds)} rounds, {elapsed:.2f}s)\n")
     return 0
 
