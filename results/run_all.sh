@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EN=${1:-asarm-en-small}
 PY=${2:-asarm-py-small}
-ASARM=${ASARM:-asarm}
+ASARM=${ASARM:-$(command -v asarm || echo "python -m asarm.cli")}
 COMMON="--threads 1 --no-progress --seed 0"
 
 en_jobs() {
