@@ -209,3 +209,25 @@ def test_mask_warmup_and_shipped_configs():
         assert cfg.mask_low == 0.85 and cfg.mask_high == 0.99
         text = json.dumps(cfg.data)
         assert "test.txt" not in text and "humaneval" not in text.lower()
+
+
+@pytest.mark.parametrize("name,kind", [("asarm-en-small", "text"), ("asarm-py-small", "code")])
+def test_shipped_models(name, kind):
+    from asarm.checkpoint import SHIPPED_DIR, load_model
+    from asarm.tokenization import decode, encode
+
+    directory = SHIPPED_DIR / name
+    if not (directory / "config.json").is_file():
+        pytest.skip(f"{name} is not in this checkout")
+    assert (directory / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert (directory / "README.md").is_file()
+    model = load_model(name, device="cpu")
+    assert model.config.mask_token_id == 6 and model.config.max_length in (128, 256)
+    text = "def f(x):\n\treturn x  # caf\u00e9\n" if kind == "code" else "The jury said \"no\" -- twice."
+    assert decode(model.tokenizer, encode(model.tokenizer, text)) == text
+    ids = torch.tensor([encode(model.tokenizer, text)[:16]])
+    ranks = torch.zeros_like(ids)
+    ranks[0, 4:8] = torch.arange(1, 5)
+    with torch.no_grad():
+        logits, _, valid = model.chain_logits(ids, ranks)
+    assert torch.isfinite(logits).all() and int(valid.sum()) == 4
