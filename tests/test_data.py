@@ -35,7 +35,7 @@ def test_sources_zip_gz_jsonl_folder(tmp_path):
         f.writestr("brown/README", "not a document")
         f.writestr("brown/ca01", BROWN)
         f.writestr("brown/cats.txt", "ca01 news")
-        f.writestr("plain/a.txt", "Hello there.\n")
+        f.writestr("plain/a.txt", "Hello there.\r\n")
     docs = load_documents(z)
     assert len(docs) == 2 and docs[0].startswith("The Fulton") and docs[1] == "Hello there.\n"
 

@@ -125,6 +125,7 @@ def _decode_bytes(data: bytes) -> str:
 
 
 def _text_documents(text: str, name: str) -> list[str]:
+    text = text.replace("\r\n", "\n")  # Windows line endings (NLTK webtext) -> newlines
     if BROWN_MEMBER.search(name):
         text = untag_brown(text)
         return [text] if text.strip() else []
