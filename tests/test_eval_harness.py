@@ -71,6 +71,12 @@ def test_wikitext_hides_the_fraction_it_says(model):
     assert WikiTextTask(model, length=40, hidden_fraction=0.5, seed=3, evaluator="none").examples(1)[0].num_hidden == 20
     with pytest.raises(InputError):
         WikiTextTask(model, length=40, hidden_fraction=1.5, evaluator="none")
+    # default length: 512, or the model's limit when it has a smaller one; longer is refused
+    assert WikiTextTask(model, evaluator="none").length == 512
+    capped = types.SimpleNamespace(tokenizer=model.tokenizer, config=types.SimpleNamespace(max_length=128))
+    assert WikiTextTask(capped, evaluator="none").length == 128
+    with pytest.raises(InputError):
+        WikiTextTask(capped, length=512, evaluator="none")
 
 
 def test_rocstories_hole_is_sentence_three_with_its_length(model):
