@@ -32,6 +32,16 @@ def tiny_model(seed: int = 0, **overrides) -> ASARM:
     return ASARM(tiny_config(**overrides)).eval()
 
 
+def random_rows(B: int, L: int, vocab: int, seed: int = 0, max_hidden: float = 0.95):
+    """[B, L] random token ids (never the mask id 6) and hidden masks whose hidden fraction rises
+    from 0.3 in the first row to ``max_hidden`` in the last."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, L), generator=g)
+    ids[ids == 6] = 7
+    masked = torch.rand(B, L, generator=g) < torch.linspace(0.3, max_hidden, B)[:, None]
+    return ids, masked
+
+
 def hf_reference(model: ASARM):
     """`transformers`' XLNetLMHeadModel with our weights: the independent numerical reference."""
     from transformers import XLNetConfig, XLNetLMHeadModel

@@ -40,7 +40,8 @@ def test_infill_keeps_the_text_around_the_hole(checkpoint, capsys):
 
 @pytest.mark.parametrize("extra", [[], ["--method", "sequential"], ["--draft", "ngram", "-k", "3"],
                                    ["--greedy"], ["--top-k", "5", "--temperature", "0.7"], ["--order", "random"],
-                                   ["--no-cache"], ["--stream"]])
+                                   ["--no-cache"], ["--stream"], ["--one-pass", "--adaptive-k"],
+                                   ["--draft", "ngram", "--bonus"]])
 def test_infill_options(checkpoint, capsys, extra):
     code, out, _ = run(capsys, "infill", "A bird [MASK:3] in the [MASK:2].", "--model", checkpoint, "--seed", "1", *extra)
     assert code == 0 and out.startswith("A bird ") and " in the " in out

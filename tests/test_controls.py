@@ -12,7 +12,7 @@ import torch
 from asarm.errors import InputError
 from asarm.sampling import sample
 from asarm.scoring import score
-from conftest import tiny_model
+from conftest import random_rows, tiny_model
 from exact import exact_joint, g_test, mixture
 from test_exactness import ALPHA, HIDDEN, INPUT, MASKED, N_SAMPLES, draws
 
@@ -30,11 +30,7 @@ def wide():
 
 
 def batch(B=6, L=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (B, L), generator=g)
-    ids[ids == 6] = 7
-    masked = torch.rand(B, L, generator=g) < torch.linspace(0.3, 1.0, B)[:, None]
-    return ids, masked
+    return random_rows(B, L, VOCAB, seed, max_hidden=1.0)
 
 
 # --- scoring -------------------------------------------------------------------------------------

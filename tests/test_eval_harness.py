@@ -166,6 +166,25 @@ def test_wikitext_end_to_end_with_self_ppl(model, tmp_path):
     assert len(recs) == 6 and all(r["text"] for r in recs)
 
 
+def test_speedup_variants_run_side_by_side_and_stay_labelled(model, tmp_path):
+    out = tmp_path / "fast"
+    summary = run_from_args(parse("wikitext", "--limit", "2", "--length", "16", "--evaluator", "self",
+                                  "--speedups", "--output", str(out)), model=model)
+    names = set(summary["configs"])
+    assert {"sequential", "assd-self-k5", "assd-self-k5+one-pass+adaptive-k", "assd-ngram-k5+bonus"} <= names
+    for c in summary["configs"].values():
+        assert c["n"] == 2 and c["metrics"]["generated_tokens"]["mean"] == 15
+    one_pass = summary["configs"]["assd-self-k5+one-pass"]
+    assert one_pass["variants"] == ["one-pass"] and one_pass["label"].endswith("+ one-pass")
+    # a one-pass round is one pass: never more passes than tokens
+    assert one_pass["metrics"]["nfe"]["mean"] <= 15
+    assert "+ adaptive-k" in (out / "summary.md").read_text()
+    flags = decode_configs("assd", "self", 3, [2, 3], bonus=True, adaptive_k=True)
+    assert [c.name for c in flags] == ["sequential", "assd-self-k2+bonus+adaptive-k", "assd-self-k3+bonus+adaptive-k"]
+    with pytest.raises(InputError, match="one-pass"):
+        decode_configs("all", "self", 5, None, one_pass=True)
+
+
 def test_wikitext_with_a_transformers_evaluator(model, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch a hub in tests
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -7,7 +7,7 @@ import torch
 
 from asarm.errors import InputError
 from asarm.sampling import sample
-from conftest import hf_reference, tiny_model
+from conftest import hf_reference, random_rows, tiny_model
 
 VOCAB = 40
 
@@ -18,11 +18,7 @@ def model():
 
 
 def random_batch(B=5, L=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (B, L), generator=g)
-    ids[ids == 6] = 7
-    masked = torch.rand(B, L, generator=g) < torch.linspace(0.3, 0.95, B)[:, None]
-    return ids, masked
+    return random_rows(B, L, VOCAB, seed)
 
 
 def record_passes(model, monkeypatch):

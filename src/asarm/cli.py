@@ -32,6 +32,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="left-to-right", help="left-to-right, random, or comma-separated positions")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="full recompute every pass (reference baseline)")
+    p.add_argument("--bonus", action="store_true", help="ASSD: a bonus token when every draft of a round is accepted")
+    p.add_argument("--one-pass", action="store_true", help="ASSD self-draft: the oracle pass also drafts the "
+                   "next block, one pass per round (implies --bonus)")
+    p.add_argument("--adaptive-k", action="store_true", help="ASSD: grow k after accepted rounds, shrink it after rejections")
 
 
 def sampling_options(args) -> dict:
@@ -43,7 +47,7 @@ def sampling_options(args) -> dict:
             raise InputError(f"--order must be left-to-right, random or comma-separated positions, got {order!r}") from None
     return dict(method=args.method, draft=args.draft, k=args.k, temperature=args.temperature,
                 greedy=args.greedy, top_k=args.top_k, top_p=args.top_p, order=order, seed=args.seed,
-                cache=not args.no_cache)
+                cache=not args.no_cache, bonus=args.bonus, one_pass=args.one_pass, adaptive_k=args.adaptive_k)
 
 
 def load_cli_model(args):

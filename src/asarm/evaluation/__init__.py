@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .common import DecodeConfig, decode_configs, parse_shard, parse_sweep
+from .common import DecodeConfig, decode_configs, parse_shard, parse_sweep, speedup_configs
 from .runner import run_task
 
 __all__ = ["add_cli", "run_task", "DecodeConfig", "decode_configs", "TASKS", "run_from_args"]
@@ -64,7 +64,11 @@ def run_from_args(args, model=None) -> dict:
     if not args.temperature > 0:
         raise InputError(f"--temperature must be > 0, got {args.temperature}")
     method = args.method or ("all" if args.eval_task == "wikitext" else "assd")
-    configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k))
+    if args.speedups:
+        configs = speedup_configs(args.k)
+    else:
+        configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k), bonus=args.bonus,
+                                 one_pass=args.one_pass, adaptive_k=args.adaptive_k)
     shard = parse_shard(args.shard)
     if args.threads is not None:
         if args.threads < 1:
@@ -117,6 +121,11 @@ def _common_arguments(p) -> None:
     p.add_argument("--sweep-k", nargs="?", const="1,2,3,5,8", default=None, metavar="K,K,...",
                    help="run sequential + ASSD at each k (default list 1,2,3,5,8) and plot quality and "
                         "passes per token against k")
+    p.add_argument("--bonus", action="store_true", help="ASSD: bonus token after a fully accepted round")
+    p.add_argument("--one-pass", action="store_true", help="ASSD self-draft: one pass per round (implies the bonus)")
+    p.add_argument("--adaptive-k", action="store_true", help="ASSD: adapt k per row to the acceptance")
+    p.add_argument("--speedups", action="store_true", help="run sequential, plain ASSD and each faster exact "
+                   "variant (bonus, one-pass, adaptive k, combined; n-gram with bonus) side by side")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=1, help="rows sampled together (default 1: per-example timings)")
     p.add_argument("--shard", default=None, metavar="I/N", help="run shard I of N (0-based; default: torchrun's "

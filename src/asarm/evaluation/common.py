@@ -53,33 +53,71 @@ class DecodeConfig:
     method: str  # "sequential" | "assd"
     draft: str = "self"
     k: int = 5
+    # the faster exact ASSD variants (``asarm.sample``'s bonus / one_pass / adaptive_k)
+    bonus: bool = False
+    one_pass: bool = False
+    adaptive_k: bool = False
+
+    @property
+    def variants(self) -> list[str]:
+        flags = (("bonus", self.bonus), ("one-pass", self.one_pass), ("adaptive-k", self.adaptive_k))
+        return [name for name, on in flags if on and self.method == "assd"]
 
     @property
     def name(self) -> str:
-        return "sequential" if self.method == "sequential" else f"assd-{self.draft}-k{self.k}"
+        if self.method == "sequential":
+            return "sequential"
+        return "+".join([f"assd-{self.draft}-k{self.k}"] + self.variants)
 
     @property
     def label(self) -> str:
-        if self.method == "sequential":
-            return "sequential"
-        return f"ASSD {'self-draft' if self.draft == 'self' else 'n-gram draft'}, k={self.k}"
+        return config_label(self.method, self.draft, self.k, self.variants)
 
 
-def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None) -> list[DecodeConfig]:
+def config_label(method: str, draft: str | None, k: int | None, variants: list[str] = ()) -> str:
+    if method == "sequential":
+        return "sequential"
+    label = f"ASSD {'self-draft' if draft == 'self' else 'n-gram draft'}, k={k}"
+    return label + "".join(f" + {v}" for v in variants)
+
+
+def speedup_configs(k: int) -> list[DecodeConfig]:
+    """Sequential, plain ASSD, each faster exact variant and their combination (``--speedups``)."""
+    return [
+        DecodeConfig("sequential", k=1),
+        DecodeConfig("assd", "self", k),
+        DecodeConfig("assd", "self", k, bonus=True),
+        DecodeConfig("assd", "self", k, one_pass=True),
+        DecodeConfig("assd", "self", k, adaptive_k=True),
+        DecodeConfig("assd", "self", k, one_pass=True, adaptive_k=True),
+        DecodeConfig("assd", "ngram", k),
+        DecodeConfig("assd", "ngram", k, bonus=True),
+        DecodeConfig("assd", "ngram", k, bonus=True, adaptive_k=True),
+    ]
+
+
+def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, bonus: bool = False,
+                   one_pass: bool = False, adaptive_k: bool = False) -> list[DecodeConfig]:
     """The configurations a run decodes with. ``method`` "all": sequential + ASSD self + ASSD
-    n-gram (the paper's WikiText table). ``sweep``: sequential + ASSD (``draft``) at each k."""
+    n-gram (the paper's WikiText table). ``sweep``: sequential + ASSD (``draft``) at each k.
+    bonus / one_pass / adaptive_k apply to every ASSD configuration (one_pass: self drafts only)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"-k must be an integer >= 1, got {k!r}")
     drafts = ("self", "ngram") if draft == "both" else (draft,)
     if sweep:
-        return [DecodeConfig("sequential", k=1)] + [DecodeConfig("assd", d, kk) for d in drafts for kk in sweep]
-    if method == "all":
-        return [DecodeConfig("sequential", k=1), DecodeConfig("assd", "self", k), DecodeConfig("assd", "ngram", k)]
-    if method == "sequential":
-        return [DecodeConfig("sequential", k=1)]
-    if method == "assd":
-        return [DecodeConfig("assd", d, k) for d in drafts]
-    raise InputError(f"unknown method {method!r}: use all, sequential or assd")
+        plan = [("sequential", "self", 1)] + [("assd", d, kk) for d in drafts for kk in sweep]
+    elif method == "all":
+        plan = [("sequential", "self", 1), ("assd", "self", k), ("assd", "ngram", k)]
+    elif method == "sequential":
+        plan = [("sequential", "self", 1)]
+    elif method == "assd":
+        plan = [("assd", d, k) for d in drafts]
+    else:
+        raise InputError(f"unknown method {method!r}: use all, sequential or assd")
+    if one_pass and any(m == "assd" and d != "self" for m, d, _ in plan):
+        raise InputError("--one-pass applies to self drafts only (n-gram rounds already take one pass); use --draft self")
+    return [DecodeConfig(m, d, kk, bonus=bonus and m == "assd", one_pass=one_pass and m == "assd",
+                         adaptive_k=adaptive_k and m == "assd") for m, d, kk in plan]
 
 
 def parse_sweep(text) -> list[int] | None:

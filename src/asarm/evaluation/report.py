@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..errors import InputError
-from .common import RECORD_GLOB, dedupe, mean_ci, proportion_ci, read_meta, read_records
+from .common import RECORD_GLOB, config_label, dedupe, mean_ci, proportion_ci, read_meta, read_records
 
 COMMON_METRICS = ("nfe", "draft_calls", "rounds", "tokens_per_round", "passes_per_token", "elapsed_s",
                   "generated_tokens")
@@ -52,12 +52,13 @@ PAPER_NOTES = {
 
 def _config_order(name: str):
     if name == "sequential":
-        return (0, "", 0)
-    parts = name.split("-")  # assd-<draft>-k<k>
+        return (0, "", 0, 0, "")
+    base, *variants = name.split("+")  # assd-<draft>-k<k>[+variant...]
+    parts = base.split("-")
     try:
-        return (1, parts[1], int(parts[2][1:]))
+        return (1, parts[1], int(parts[2][1:]), len(variants), "+".join(variants))
     except (IndexError, ValueError):
-        return (2, name, 0)
+        return (2, name, 0, 0, "")
 
 
 def summarize(meta: dict, records: list[dict]) -> dict:
@@ -84,6 +85,7 @@ def summarize(meta: dict, records: list[dict]) -> dict:
             p = proportion_ci(ok, len(recs))
             metrics[key] = {k: (100 * v if isinstance(v, float) and k != "n" else v) for k, v in p.items()}
         configs[name] = {"method": first.get("method"), "draft": first.get("draft"), "k": first.get("k"),
+                         "variants": first.get("variants") or [],
                          "label": _label(first), "n": len(recs), "metrics": metrics}
     # Exact samplers draw the same distribution: paired differences against sequential (same
     # examples, same hidden positions) should be centred on zero.
@@ -124,9 +126,7 @@ def summarize(meta: dict, records: list[dict]) -> dict:
 
 
 def _label(rec: dict) -> str:
-    if rec.get("method") == "sequential":
-        return "sequential"
-    return f"ASSD {'self-draft' if rec.get('draft') == 'self' else 'n-gram draft'}, k={rec.get('k')}"
+    return config_label(rec.get("method"), rec.get("draft"), rec.get("k"), rec.get("variants") or [])
 
 
 def _fmt(stat: dict | None, digits: int = 2) -> str:
@@ -220,7 +220,8 @@ def plot_sweep(summary: dict, path: Path) -> bool:
     series: dict[str, list[tuple[int, dict]]] = {}
     for c in summary["configs"].values():
         if c["method"] == "assd":
-            series.setdefault(c["draft"], []).append((int(c["k"]), c["metrics"]))
+            key = "+".join([c["draft"]] + list(c.get("variants") or []))
+            series.setdefault(key, []).append((int(c["k"]), c["metrics"]))
     if not any(len(v) >= 2 for v in series.values()):
         return False
     import matplotlib

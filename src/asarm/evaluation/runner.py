@@ -75,7 +75,8 @@ def run_task(task, model, *, configs: list[DecodeConfig], out_dir, batch_size: i
             seed_b = batch_seed(seed, batch[0].index)
             result = sample(model, ids.to(model.device), masked.to(model.device), method=config.method,
                             draft=config.draft, k=config.k, temperature=temperature, seed=seed_b,
-                            attention_mask=att.to(model.device))
+                            attention_mask=att.to(model.device), bonus=config.bonus,
+                            one_pass=config.one_pass, adaptive_k=config.adaptive_k)
             filled = result.input_ids.cpu()
             outputs, generated = [], []
             for b, e in enumerate(batch):
@@ -92,6 +93,7 @@ def run_task(task, model, *, configs: list[DecodeConfig], out_dir, batch_size: i
                 rec = {
                     "task": task.name, "config": config.name, "method": config.method,
                     "draft": config.draft if config.method == "assd" else None, "k": config.k,
+                    "variants": config.variants,
                     "index": e.index, "id": e.id, "seed": seed_b, "batch_size": len(batch),
                     "length": len(e.ids), "hidden_tokens": e.num_hidden, "generated_tokens": tokens,
                     "nfe": nfe, "draft_calls": int(result.draft_calls[b]), "rounds": rounds,
