@@ -55,3 +55,25 @@ def hf_reference(model: ASARM):
 @pytest.fixture
 def model() -> ASARM:
     return tiny_model()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The exactness suite's p-values: the smallest among the tests that must pass, the largest
+    among the negative controls that must fail (so a run shows how far from its thresholds it is)."""
+    try:
+        from exact import P_VALUES
+    except ImportError:
+        return
+    if not P_VALUES:
+        return
+    controls = [(t, p) for t, p in P_VALUES if "negative_control" in t]
+    exact = [(t, p) for t, p in P_VALUES if "negative_control" not in t]
+    tr = terminalreporter
+    tr.section("exactness G-tests")
+    if exact:
+        ps = sorted(p for _, p in exact)
+        t_min, p_min = min(exact, key=lambda tp: tp[1])
+        tr.write_line(f"{len(exact)} G-tests of samplers against exact joints: smallest p = {p_min:.2e} "
+                      f"({t_min}), median p = {ps[len(ps) // 2]:.3f}")
+    for t, p in controls:
+        tr.write_line(f"negative control {t}: p = {p:.2e}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import torch
 from scipy.stats import chi2
@@ -64,9 +65,19 @@ def mixture(joints: list[dict]) -> dict:
     return {key: sum(j[key] for j in joints) / len(joints) for key in keys}
 
 
+# (test id, p-value) of every G-test this session; conftest prints a summary at the end
+P_VALUES: list[tuple[str, float]] = []
+
+
 def g_test(samples: list[tuple], probs: dict[tuple, float], min_expected: float = 5.0) -> tuple[float, float]:
     """G-test of observed samples against exact probabilities; cells with small expected counts
     are pooled into one. Returns (G statistic, p-value). Samples outside the support fail hard."""
+    g, p = _g_test(samples, probs, min_expected)
+    P_VALUES.append((os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], p))
+    return g, p
+
+
+def _g_test(samples, probs, min_expected):
     n = len(samples)
     counts: dict[tuple, int] = {}
     for s in samples:

@@ -128,6 +128,19 @@ def test_negative_control_fails(model):
     assert p < 1e-6, f"negative control was not rejected (p={p:.2e})"
 
 
+@pytest.mark.parametrize("draft", ["self", "ngram"])
+def test_negative_control_wrong_residual_fails(model, monkeypatch, draft):
+    """The classic speculative-sampling bug: a rejected draft replaced by a draw from the target
+    itself instead of normalize(max(0, q - p)). It must be rejected too."""
+    from asarm import sampling
+
+    monkeypatch.setattr(sampling, "residual", lambda target, proposal: target)
+    result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), method="assd", draft=draft,
+                    k=3, seed=0)
+    _, p = g_test(draws(result, MASKED), reference(model, 1.0, "left-to-right"))
+    assert p < 1e-6, f"a sampler with the wrong residual was not rejected (p={p:.2e})"
+
+
 VARIANTS = {
     "bonus": dict(bonus=True),
     "one-pass": dict(one_pass=True),

@@ -246,8 +246,7 @@ class _Row:
             if torch.rand((), generator=self.generator, dtype=torch.float64) * d.probs[d.token] <= q[d.token]:
                 tokens.append(d.token)
                 continue
-            residual = (q - d.probs).clamp(min=0.0)
-            tokens.append(_draw(residual if residual.sum() > 0 else q, self.generator))
+            tokens.append(_draw(residual(q, d.probs), self.generator))
             rejected_at = i
             break
         n_verify = sum(1 for d in queue if not d.exact)
@@ -297,6 +296,14 @@ class _Row:
         self.rounds += 1
         self.accepted.append(len(tokens))
         return positions
+
+
+def residual(target: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
+    """Where a rejected draft's replacement is drawn from: normalize(max(0, target - proposal)),
+    which makes speculative sampling exact (``_draw`` normalises). When the proposal equals
+    the target there is no residual mass, but then no draft is ever rejected."""
+    rest = (target - proposal).clamp(min=0.0)
+    return rest if rest.sum() > 0 else target
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
