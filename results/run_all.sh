@@ -17,6 +17,9 @@ en_jobs() {
   $ASARM eval rocstories --model "$EN" --sweep-k $COMMON --output results/rocstories
   # k sweep on WikiText (sequential + ASSD self-draft at k = 1, 2, 3, 5, 8)
   $ASARM eval wikitext --model "$EN" --length 128 --limit 30 --evaluator self --sweep-k $COMMON --output results/wikitext-sweep-k
+  # the faster exact ASSD variants side by side, and one-pass rounds at larger k
+  $ASARM eval wikitext --model "$EN" --length 128 --limit 200 --evaluator self --speedups $COMMON --output results/wikitext-speedups
+  $ASARM eval wikitext --model "$EN" --length 128 --limit 200 --evaluator self --method assd --one-pass --sweep-k 5,8,12 $COMMON --output results/wikitext-one-pass-sweep-k
 }
 
 py_jobs() {

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent
-ORDER = ["wikitext-L128", "wikitext-sweep-k", "rocstories", "humaneval-single-line", "humaneval-single-line-sweep-k",
+ORDER = ["wikitext-L128", "wikitext-sweep-k", "wikitext-speedups", "wikitext-one-pass-sweep-k", "rocstories", "humaneval-single-line", "humaneval-single-line-sweep-k",
          "humaneval-multi-line", "humaneval-random-span", "humaneval-random-span-light"]
 
 
