@@ -183,6 +183,8 @@ def test_speedup_variants_run_side_by_side_and_stay_labelled(model, tmp_path):
     assert [c.name for c in flags] == ["sequential", "assd-self-k2+bonus+adaptive-k", "assd-self-k3+bonus+adaptive-k"]
     with pytest.raises(InputError, match="one-pass"):
         decode_configs("all", "self", 5, None, one_pass=True)
+    with pytest.raises(InputError, match="--speedups"):
+        run_from_args(parse("wikitext", "--speedups", "--sweep-k", "--output", str(out)), model=model)
 
 
 def test_wikitext_with_a_transformers_evaluator(model, tmp_path, monkeypatch):

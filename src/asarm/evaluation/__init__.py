@@ -65,6 +65,9 @@ def run_from_args(args, model=None) -> dict:
         raise InputError(f"--temperature must be > 0, got {args.temperature}")
     method = args.method or ("all" if args.eval_task == "wikitext" else "assd")
     if args.speedups:
+        if args.sweep_k or args.method or args.bonus or args.one_pass or args.adaptive_k:
+            raise InputError("--speedups chooses its own configurations; drop --method, --sweep-k, --bonus, "
+                             "--one-pass and --adaptive-k")
         configs = speedup_configs(args.k)
     else:
         configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k), bonus=args.bonus,
