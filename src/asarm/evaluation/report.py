@@ -52,13 +52,14 @@ PAPER_NOTES = {
 
 def _config_order(name: str):
     if name == "sequential":
-        return (0, "", 0, 0, "")
+        return (0, 0, "", 0, 0, "")
     base, *variants = name.split("+")  # assd-<draft>-k<k>[+variant...]
     parts = base.split("-")
     try:
-        return (1, parts[1], int(parts[2][1:]), len(variants), "+".join(variants))
+        draft_rank = {"self": 0, "ngram": 1}.get(parts[1], 2)  # the paper's self-draft first
+        return (1, draft_rank, parts[1], int(parts[2][1:]), len(variants), "+".join(variants))
     except (IndexError, ValueError):
-        return (2, name, 0, 0, "")
+        return (2, 0, name, 0, 0, "")
 
 
 def summarize(meta: dict, records: list[dict]) -> dict:
