@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import zlib
 
 import torch
 from scipy.stats import chi2
@@ -63,6 +64,12 @@ def exact_joint(model, input_ids, masked, order, temperature=1.0, transform=None
 def mixture(joints: list[dict]) -> dict:
     keys = joints[0].keys()
     return {key: sum(j[key] for j in joints) / len(joints) for key in keys}
+
+
+def stable_seed(*parts) -> int:
+    """A seed derived from a test's parameters that is the same in every run (Python's hash()
+    of strings changes from process to process, which would make the G-tests non-reproducible)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) % 10_000
 
 
 # (test id, p-value) of every G-test this session; conftest prints a summary at the end
