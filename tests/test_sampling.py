@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -193,3 +195,18 @@ def test_bad_inputs(model):
     limited = tiny_model(max_length=3)
     with pytest.raises(InputError, match="longer than the model's limit"):
         sample(limited, ids, masked)
+
+
+@pytest.mark.parametrize("options", [dict(method="sequential"), dict(), dict(draft="ngram"), dict(one_pass=True),
+                                     dict(cache=False)])
+def test_bf16_sampling_keeps_the_invariants(model, options):
+    """bf16 weights and cache: visible tokens kept, no mask token, every hidden position filled,
+    ASSD within one pass per token; the distributions are computed in float64 from bf16 logits."""
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    ids, masked = random_batch(B=4, L=20, seed=8)
+    res = sample(low, ids, masked, seed=0, **options)
+    assert torch.equal(res.input_ids[~masked], ids[~masked])
+    assert (res.input_ids != low.config.mask_token_id).all() and (res.input_ids < VOCAB).all()
+    assert (res.nfe <= masked.sum(1)).all()
+    again = sample(low, ids, masked, seed=0, **options)
+    assert torch.equal(res.input_ids, again.input_ids)
