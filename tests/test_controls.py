@@ -113,6 +113,13 @@ def test_greedy_assd_equals_sequential_greedy(wide, draft, order):
         for cache in (True, False):
             res = sample(wide, ids, masked, draft=draft, k=k, greedy=True, order=order, seed=1, cache=cache)
             assert torch.equal(res.input_ids, reference.input_ids), (draft, k, cache)
+    # the faster exact variants draw the same greedy chain
+    variants = [dict(bonus=True), dict(adaptive_k=True)] + ([dict(one_pass=True), dict(one_pass=True, adaptive_k=True)]
+                                                            if draft == "self" else [])
+    for options in variants:
+        for k in (2, 5):
+            res = sample(wide, ids, masked, draft=draft, k=k, greedy=True, order=order, seed=1, **options)
+            assert torch.equal(res.input_ids, reference.input_ids), (draft, k, options)
     # and row by row, outside the batch
     for b in range(2):
         single = sample(wide, ids[b], masked[b], k=4, draft=draft, greedy=True, order=order, seed=1)
