@@ -58,8 +58,8 @@ def model() -> ASARM:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The exactness suite's p-values: the smallest among the tests that must pass, the largest
-    among the negative controls that must fail (so a run shows how far from its thresholds it is)."""
+    """The exactness suite's p-values: the smallest among the tests that must pass and each
+    negative control's (which must fail), so a run shows how far it is from its thresholds."""
     try:
         from exact import P_VALUES
     except ImportError:
