@@ -66,8 +66,13 @@ def main() -> None:
         for _ in range(args.passes):
             engine.step()
         sync(model.device)
-    sort = "cuda_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
+    sorts = ["self_device_time_total", "self_cuda_time_total"] if model.device.type == "cuda" else []
+    for sort in sorts + ["self_cpu_time_total"]:  # the device key's name differs across torch versions
+        try:
+            print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
+            break
+        except (KeyError, AttributeError, ValueError, RuntimeError):
+            continue
 
     # weight-only pass: 1 content row, 1 query, empty cache
     one = torch.zeros(args.batch, 1, dtype=torch.long, device=model.device)
