@@ -16,6 +16,7 @@ from asarm.sampling import sample
 from asarm.scoring import score
 from conftest import random_rows, tiny_model
 from exact import exact_joint, g_test
+from test_exactness import ALPHA, HIDDEN, INPUT, MASKED, N_SAMPLES, draws
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,12 +69,10 @@ def test_same_seed_same_result_and_invariants(gpu_model, dtype):
 
 
 def test_assd_on_the_gpu_draws_the_exact_joint():
-    """The CPU reference joint (transformers' XLNet) against 3,000 rows sampled on the GPU."""
-    ids = torch.tensor([1, 3, 0, 0, 4, 0, 2])
-    masked = torch.tensor([0, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    """The CPU reference joint (transformers' XLNet) against rows sampled on the GPU."""
     small = tiny_model(seed=3)
-    joint = exact_joint(small, ids, masked, torch.nonzero(masked).flatten().tolist())
-    res = sample(small.to("cuda"), ids.repeat(3000, 1).cuda(), masked.repeat(3000, 1).cuda(), k=3, seed=0)
-    hidden = torch.nonzero(masked).flatten()
-    _, p = g_test([tuple(row[hidden].tolist()) for row in res.input_ids.cpu()], joint)
-    assert p > 1e-3
+    joint = exact_joint(small, INPUT, MASKED, HIDDEN)
+    res = sample(small.to("cuda"), INPUT.repeat(N_SAMPLES, 1).cuda(), MASKED.repeat(N_SAMPLES, 1).cuda(), k=3, seed=0)
+    res.input_ids = res.input_ids.cpu()
+    _, p = g_test(draws(res, MASKED), joint)
+    assert p > ALPHA
