@@ -57,7 +57,7 @@ def _clean_env(home: str) -> dict[str, str]:
 
 def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cpu_seconds: int | None = None,
                 max_file_mb: int = 16, python: str | None = None, isolate_network: bool = True,
-                namespaces: bool = True, cgroups: bool = True, max_processes: int = 32) -> ExecResult:
+                namespaces: bool = True, cgroups: bool = True, max_processes: int = 8) -> ExecResult:
     """Run ``source`` as a Python program in the sandbox; see the module docstring.
     ``namespaces``/``cgroups`` = False skip those layers (to test the fallbacks)."""
     cpu = int(cpu_seconds if cpu_seconds is not None else max(1, int(timeout) + 1))
@@ -102,9 +102,12 @@ def _supervise(cfg: dict, python: str | None, work: str, out: str, timeout: floa
         except subprocess.TimeoutExpired:
             code = None
         _kill_tree(proc, cfg["cgroups"])
+        info = _read_info(read_fd)
+        for key in ("init", "program"):
+            _wait_gone(next((line[key] for line in info if key in line), None))
         stderr.seek(0)
         err = stderr.read(1 << 20).decode("utf-8", "replace")
-        return code, _read_info(read_fd), err
+        return code, info, err
     finally:
         os.close(read_fd)
         stdout.close()
@@ -123,6 +126,20 @@ def _kill_tree(proc: subprocess.Popen, groups: list) -> None:
         proc.wait(timeout=KILL_SLACK)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _wait_gone(pid: int | None) -> None:
+    """Wait until ``pid`` (the namespace's init, or the program when there is no namespace)
+    has exited; the kernel kills a namespace's last processes before its init exits."""
+    deadline = time.monotonic() + KILL_SLACK
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.002)
 
 
 def _read_info(fd: int) -> list[dict]:

@@ -316,7 +316,16 @@ GUARDED = ("kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedi
 def reliability_guard() -> None:
     """human-eval's guard, a second layer: destructive calls removed from ``os`` *and* ``posix``
     (``os`` only copies posix's functions, so clearing one left the other working)."""
-    import builtins, faulthandler, posix, shutil, subprocess
+    import builtins, faulthandler, posix, shutil, socket, subprocess
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access is disabled in this sandbox")
+
+    class NoSocket(socket.socket):
+        __init__ = no_network
+    socket.socket = NoSocket
+    for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
+        setattr(socket, name, no_network)
     faulthandler.disable()
     for module in (os, posix):
         for name in GUARDED:
@@ -345,8 +354,8 @@ def run_program(path: str, exit_now) -> None:
     except SystemExit:
         sys.stderr.write("program exited before running to its end\n")
         code = 3
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:  # the traceback starts in the program, not in this runner
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
         code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -465,6 +474,8 @@ def supervise(cfg: dict, info_fd: int, layers: list[str]) -> int:
     child = os.fork()
     if child == 0:
         program_process(cfg, work, uid, layers, info_fd, me)
+    if not in_pidns:
+        info(info_fd, program=child)  # the harness waits for it to be gone after a timeout
     status, usage = reap(block=True, wanted=child)
     result = verdict(status, usage, cfg["cpu"], info_fd)
     if not in_pidns:  # in a PID namespace the kernel kills everything once we (its init) exit
@@ -497,6 +508,7 @@ def main() -> int:
         except BaseException:
             traceback.print_exc()
             os._exit(SETUP_FAILED)
+    info(info_fd, init=child)  # the harness waits for it to be gone after a timeout
     os.close(info_fd)
     status, _ = reap(block=True, wanted=child)
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else KILLED
