@@ -486,10 +486,12 @@ def supervise(cfg: dict, info_fd: int, layers: list[str]) -> int:
 def main() -> int:
     cfg = json.loads(sys.argv[1])
     info_fd = cfg["info_fd"]
-    prctl(PR_SET_DUMPABLE, 0)  # no ptrace and no /proc/<pid>/fd access to the supervisors
     layers = join_cgroups(cfg["cgroups"])
     if cfg["namespaces"]:
         layers += enter_namespaces(cfg["network"])
+    # no ptrace and no /proc/<pid>/fd access to the supervisors (after the uid map: while not
+    # dumpable, /proc/self belongs to root and the map could not be written)
+    prctl(PR_SET_DUMPABLE, 0)
     if "pid-namespace" not in layers:
         return supervise(cfg, info_fd, layers)
     alive_r, alive_w = os.pipe()
