@@ -1,12 +1,17 @@
 """The sandbox that runs generated code, checked with HumanEval-infilling oracles: canonical
-solutions pass, corrupted ones fail, loops and sleeps time out, early exits do not count."""
+solutions pass, corrupted ones fail, loops and sleeps time out, early exits do not count; and
+one test per attack of issue 15, each of which must fail to escape."""
 
 from __future__ import annotations
+
+import os
+import tempfile
+import time
 
 import pytest
 
 from asarm.evaluation.common import find_shared_data
-from asarm.evaluation.execution import humaneval_program, run_program, run_programs
+from asarm.evaluation.execution import WRAPPER, humaneval_program, run_program, run_programs, sandbox_layers
 from asarm.evaluation.humaneval import VARIANTS, read_problems
 
 
@@ -85,12 +90,6 @@ def test_limits_and_no_network():
 # ("no-ns": cgroups only), and neither namespaces nor cgroups ("bare") -- the kill-everything,
 # timeout and verdict layers must hold in all three. RAW re-imports the posix module, which
 # undoes the Python-level guard: it shows that the kernel layers below it hold on their own.
-
-import os
-import tempfile
-import time
-
-from asarm.evaluation.execution import WRAPPER, sandbox_layers
 
 MODES = {"full": {}, "no-ns": {"namespaces": False}, "bare": {"namespaces": False, "cgroups": False}}
 RAW = "import sys\ndel sys.modules['posix']\nimport posix\nassert posix.fork is not None\n"

@@ -365,6 +365,15 @@ def run_program(path: str, exit_now) -> None:
     exit_now(code)
 
 
+def optional(layer, *args) -> list[str]:
+    """A kernel layer this machine may lack (old kernel, blocked by a container): skip it."""
+    try:
+        return layer(*args)
+    except OSError as exc:
+        sys.stderr.write(f"sandbox: {layer.__name__} unavailable ({exc})\n")
+        return []
+
+
 def program_process(cfg: dict, work, uid, layers: list[str], info_fd: int, parent: int) -> None:
     """P: drop every privilege, report the layers, close the report pipe, run the program.
     ``work``: the work directory's path, or an open descriptor of it."""
@@ -378,11 +387,12 @@ def program_process(cfg: dict, work, uid, layers: list[str], info_fd: int, paren
         for name in ("HOME", "TMPDIR"):
             os.environ[name] = work
         allow_fork = ("pid-namespace" in layers or "cgroup-pids" in layers) and "cgroup-memory" in layers
-        seccomp_ok = os.uname().machine in AUDIT_ARCH
-        set_limits(cfg, allow_fork, seccomp_ok)
+        set_limits(cfg, allow_fork, os.uname().machine in AUDIT_ARCH)
         layers = layers + ["rlimits"] + drop_privileges(uid)
-        layers += landlock(work)
-        layers += seccomp(allow_fork, "pid-namespace" in layers, cfg["network"])
+        layers += optional(landlock, work)
+        layers += optional(seccomp, allow_fork, "pid-namespace" in layers, cfg["network"])
+        if "seccomp" not in layers and not allow_fork:  # "no fork" then rests on RLIMIT_NPROC = 0
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
         layers += ["fork-allowed" if allow_fork else "no-fork", "guard"]
         info(info_fd, layers=layers)
         os.close(info_fd)
