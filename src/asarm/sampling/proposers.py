@@ -58,7 +58,10 @@ class Proposer:
     def lookahead(self, block: int) -> int:
         return 0
 
-    def carry(self, leftover: Block | None, extra: Drawn) -> Block | None:
+    def carry(self, leftover: Block | None, checked: Drawn, extra: Drawn) -> Block | None:
+        """The next block from an oracle pass: ``leftover`` are the drafts after a rejection
+        (None after a full accept), ``checked`` the draws of their verification queries (which
+        saw the rejected draft), ``extra`` the draws of the bonus and lookahead queries."""
         return None
 
     def observe(self, positions: list[int]) -> None:
@@ -88,7 +91,7 @@ class OnePassDraft(SelfDraft):
     def lookahead(self, block):
         return block - 1
 
-    def carry(self, leftover, extra):
+    def carry(self, leftover, checked, extra):
         tokens = (leftover.tokens if leftover else []) + extra.tokens
         if not tokens:
             return None

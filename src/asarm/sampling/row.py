@@ -184,7 +184,9 @@ class Row:
         if not self.done:  # one-pass rounds: this pass also proposed the next block
             start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
             extra = Drawn(out.drawn[start:], out.probs[start:])
-            self.block = self.proposer.carry(block.tail(j + 1) if rejected else None, extra)
+            rows = plan.target_rows[j + 1 :] if rejected else []
+            checked = Drawn([out.drawn[r] for r in rows], out.probs[rows])
+            self.block = self.proposer.carry(block.tail(j + 1) if rejected else None, checked, extra)
         return commit, positions
 
     def _decode(self, tokens: list[int], probs: list[float], resampled: int | None = None) -> list[int]:
