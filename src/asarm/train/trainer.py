@@ -314,10 +314,25 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            steps, loss, stopped_early = self._loop()
+        finally:  # the progress bar and TensorBoard are closed before any error is printed
+            if self.logs is not None:
+                self.logs.close()
+        result = {"step": steps, "train_loss": loss, "tokens": self.state.tokens, "stopped_early": stopped_early}
+        if self.dist.main:
+            self._finish(result)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return result
+
+    def _loop(self) -> tuple[int, float, bool]:
+        """Steps until max_steps or the time limit; returns (step, last loss, stopped early)."""
         cfg, state = self.cfg, self.state
         state.started = time.time()
         deadline = None if cfg.max_time_minutes is None else state.started + 60 * cfg.max_time_minutes
-        stopped_early, loss = False, float("nan")
+        loss = float("nan")
         while state.step < cfg.max_steps:
             stats = self.train_step()
             loss = stats.loss
@@ -331,17 +346,8 @@ class Trainer:
                 self.save(valid)
             if out_of_time and step < cfg.max_steps:
                 self.log(f"stopping at step {step}: max_time_minutes={cfg.max_time_minutes} reached")
-                stopped_early = True
-                break
-        if self.logs is not None:
-            self.logs.close()
-        result = {"step": state.step, "train_loss": loss, "tokens": state.tokens, "stopped_early": stopped_early}
-        if self.dist.main:
-            self._finish(result)
-        if self.dist.enabled:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        return result
+                return step, loss, True
+        return state.step, loss, False
 
     def _finish(self, result: dict) -> None:
         """Export the best checkpoint (by validation loss) as the final model; add the run's
