@@ -77,7 +77,8 @@ def _tensorboard(out_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed
         return None
-    return SummaryWriter(str(out_dir / "tb"))
+    with writing(str(out_dir / "tb")):
+        return SummaryWriter(str(out_dir / "tb"))
 
 
 def _progress_bar(total: int, initial: int):
