@@ -18,6 +18,7 @@ _LAZY = {
     "ASARM": "model",
     "ASARMConfig": "config",
     "SampleResult": "sampling",
+    "DecodeConfig": "sampling",  # the sampling package's frozen decoding settings
     "sample": "sampling",
     "load_model": "checkpoint",
     "save_model": "checkpoint",

@@ -34,6 +34,14 @@ LIMIT_NOTE = ("The shipped models take at most 128 (asarm-en-small) or 256 (asar
               "all, text and holes together; `asarm models` lists them.")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit code 2) instead of usage + error, like every other
+    user mistake; subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def version() -> str:
     from . import __version__
 
@@ -193,7 +201,7 @@ def add_lazy_command(sub, name: str) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command`` given, only that lazy subcommand's module is imported
     (the others get a placeholder that only lists them in --help). "" imports none."""
-    parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models and exact "
+    parser = Parser(prog="asarm", description="Any-subset autoregressive models and exact "
                                      "ASSD sampling. " + LIMIT_NOTE)
     parser.add_argument("--version", action="version", version=f"asarm {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -250,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 apply_threads(args.threads)
         return int(args.func(args) or 0)
     except ASARMError as exc:
-        print(f"asarm {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, even when a library's message has several
+        print(f"asarm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
