@@ -30,8 +30,19 @@ LAZY_COMMANDS = {
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
 }
-LIMIT_NOTE = ("The shipped models take at most 128 (asarm-en-small) or 256 (asarm-py-small) tokens in "
-              "all, text and holes together; `asarm models` lists them.")
+
+
+def limit_note() -> str:
+    """The shipped models' length limits, from their config.json files, for --help."""
+    limits = []
+    for config in sorted(SHIPPED_DIR.glob("*/config.json")):
+        limit = json.loads(config.read_text()).get("asarm_max_length")
+        if limit:
+            limits.append(f"{limit} ({config.parent.name})")
+    if not limits:
+        return "A model's length limit is config.json's asarm_max_length."
+    return (f"The shipped models take at most {' or '.join(limits)} tokens in all, text and holes together; "
+            "`asarm models` lists them.")
 
 
 class Parser(argparse.ArgumentParser):
@@ -201,14 +212,15 @@ def add_lazy_command(sub, name: str) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command`` given, only that lazy subcommand's module is imported
     (the others get a placeholder that only lists them in --help). "" imports none."""
+    note = limit_note()
     parser = Parser(prog="asarm", description="Any-subset autoregressive models and exact "
-                                     "ASSD sampling. " + LIMIT_NOTE)
+                                     "ASSD sampling. " + note)
     parser.add_argument("--version", action="version", version=f"asarm {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("infill", help="fill [MASK:n] holes in a text",
                        description="Fill holes written as [MASK:n] (n = hole length in tokens). "
-                                   "A hole at the end continues the text; '\\[' is a literal bracket. " + LIMIT_NOTE)
+                                   "A hole at the end continues the text; '\\[' is a literal bracket. " + note)
     p.add_argument("text", nargs="?", help="text with holes, or '-' to read standard input")
     p.add_argument("--file", default=None, help="read the text from this file (UTF-8)")
     p.add_argument("--stats", action="store_true", help="print NFE, rounds and tokens per round to stderr")
@@ -218,7 +230,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)",
-                       description="Continue a prompt by --length tokens. " + LIMIT_NOTE)
+                       description="Continue a prompt by --length tokens. " + note)
     p.add_argument("prompt", nargs="?", default="", help="prompt text ('' for unconditional, '-' for stdin)")
     p.add_argument("--length", type=int, default=64, help="tokens to generate (default 64; prompt + length "
                    "must fit the model's limit)")
