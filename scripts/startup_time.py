@@ -5,7 +5,7 @@
     git archive <old-commit> src | tar -x -C /tmp/old
     OMP_NUM_THREADS=1 python scripts/startup_time.py --src /tmp/old/src --src src --repeat 7
 
-Cases: `asarm --help`, `asarm models`, an argument error, import + load of the default shipped
+Cases: the floor that no change here can lower (importing torch), `asarm --help`, `asarm models`, an argument error, import + load of the default shipped
 model, and a whole `asarm infill` of a 3-token hole. CPU time (user + sys of the child) moves
 less than wall time when other jobs share the cores; both are reported, with the load average.
 Writes results/startup-cpu/startup.json and startup.md (or --out).
@@ -26,6 +26,7 @@ from pathlib import Path
 
 LOAD = "from asarm.cli import main; from asarm.checkpoint import load_model; load_model('asarm-en-small', device='cpu')"
 CASES = {
+    "floor: python -c 'import torch'": ["-c", "import torch"],
     "asarm --help": ["-m", "asarm.cli", "--help"],
     "asarm models": ["-m", "asarm.cli", "models"],
     "argument error (-k x)": ["-m", "asarm.cli", "infill", "x [MASK:2]", "-k", "x"],
