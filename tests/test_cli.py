@@ -86,7 +86,11 @@ def test_score_command(checkpoint, capsys):
         (["infill", "no holes here"], "no holes"),
         (["infill", "bad [MASK] hole"], "MASK"),
         (["infill", "x [MASK:3]", "-k", "0"], "k must be"),
-        (["infill", "x [MASK:3]", "--temperature", "0"], "greedy"),
+        (["infill", "x [MASK:3]", "--temperature", "-1"], "--temperature must be > 0"),
+        (["infill", "x [MASK:3]", "--temperature", "nan"], "--temperature must be > 0"),
+        (["infill", "x [MASK:3]", "--threads", "0"], "--threads must be >= 1"),
+        (["infill", "x [MASK:3]", "--revision", "nlp"], "--revision 'nlp' applies to hub ids"),
+        (["score", "the [[mat]]", "--revision", "v1"], "--revision 'v1' applies to hub ids"),
         (["infill", "x [MASK:3]", "--order", "a,b"], "--order"),
         (["infill", "--file", "/nonexistent/file.txt"], "cannot read"),
         (["generate", "x", "--length", "0"], "--length"),
@@ -131,3 +135,143 @@ def test_bench_writes_json_and_plot(tmp_path, capsys, checkpoint):
     data = json.loads((tmp_path / "s" / "bench.json").read_text())
     assert {r["config"] for r in data["records"]} >= {"ASSD", "ASSD + one-pass", "ASSD + bonus"}
     assert data["meta"]["inputs"] == str(text) and "16" in data["meta"]["full_pass_seconds"]
+
+
+def test_argument_errors_are_one_line_exit_2(capsys):
+    for argv, message in [(["infill", "x [MASK:2]", "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+                          (["infill", "-k", "x"], "argument -k: invalid int value"),
+                          ([], "required: COMMAND"),
+                          (["infill", "--bogus"], "unrecognized arguments: --bogus")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        _, err = capsys.readouterr()
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_temperature_zero_is_greedy(checkpoint, capsys):
+    greedy = run(capsys, "infill", "The dog [MASK:6] log.", "--model", checkpoint, "--seed", "1", "--greedy")
+    zero = run(capsys, "infill", "The dog [MASK:6] log.", "--model", checkpoint, "--seed", "2", "--temperature", "0")
+    assert greedy[0] == zero[0] == 0 and greedy[1] == zero[1]
+
+
+def test_text_that_is_not_utf8_is_one_line_exit_2(checkpoint, capsys, tmp_path, monkeypatch):
+    import io
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 [MASK:2].".encode("latin-1"))
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01\x02abc[MASK:2]")
+    for argv, message in [(["infill", "--file", str(latin1)], "is not UTF-8 text (byte 3"),
+                          (["score", "--file", str(latin1)], "is not UTF-8 text"),
+                          (["infill", "--file", str(binary)], "NUL bytes")]:
+        code, _, err = run(capsys, *argv, "--model", checkpoint)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00bin")))
+    code, _, err = run(capsys, "infill", "-", "--model", checkpoint)
+    assert code == 2 and "standard input is not UTF-8 text" in err and err.count("\n") == 1
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x89PNG\x00\x00")))
+    code, _, err = run(capsys, "generate", "-", "--model", checkpoint)
+    assert code == 2 and "standard input" in err
+
+
+def test_binary_stdin_in_a_real_process(checkpoint):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "asarm.cli", "infill", "-", "--model", checkpoint],
+                          input=bytes(range(256)), capture_output=True, cwd=ROOT, env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_threads_option_and_environment(checkpoint, capsys, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, _, _ = run(capsys, "infill", "A [MASK:2].", "--model", checkpoint, "--seed", "0", "--threads", "1")
+        assert code == 0 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("ASARM_NUM_THREADS", "1")
+        code, _, _ = run(capsys, "score", "A [[cat]].", "--model", checkpoint)
+        assert code == 0 and torch.get_num_threads() == 1
+        monkeypatch.setenv("ASARM_NUM_THREADS", "many")
+        code, _, err = run(capsys, "infill", "A [MASK:2].", "--model", checkpoint)
+        assert code == 2 and "ASARM_NUM_THREADS must be an integer >= 1, got 'many'" in err
+        monkeypatch.delenv("ASARM_NUM_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        code, _, _ = run(capsys, "generate", "A", "--length", "2", "--model", checkpoint, "--seed", "0")
+        assert code == 0 and torch.get_num_threads() == 1  # the default for the small models
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_model_command_takes_threads():
+    from asarm.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["infill", "x"], ["generate"], ["score", "x"], ["bench"], ["train"], ["eval", "wikitext"],
+                 ["eval", "rocstories"], ["eval", "humaneval-infilling"]):
+        assert parser.parse_args([*argv, "--threads", "3"]).threads == 3, argv
+
+
+def test_help_models_and_errors_do_not_import_torch():
+    code = ("import sys, contextlib, io\n"
+            "from asarm.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    main(['models'])\n"
+            "for argv in (['--help'], ['infill', '--help'], ['--version'], ['infill', '-k', 'x']):\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "            main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "import asarm\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))\n"
+            "from asarm import ASARM, sample\n"  # the lazy names still import
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_version_models_and_limits_in_help(capsys):
+    from asarm import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"asarm {__version__}"
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "asarm-en-small (default): 7.24 M parameters, 14.5 MB, limit 128 tokens" in out
+    assert "asarm-py-small: 7.24 M parameters, 14.5 MB, limit 256 tokens" in out
+    assert "5.90 M tokens: brown, movie_reviews" in out and "wikitext-2/valid" in out
+    assert "3.50 M tokens: The *.py files of the CPython 3.11.7 standard library" in out
+    for argv in (["--help"], ["infill", "--help"], ["generate", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "at most 128 (asarm-en-small) or 256" in " ".join(capsys.readouterr().out.split())
+
+
+def test_models_parameter_count_matches_the_loaded_model():
+    from asarm.checkpoint import SHIPPED_DIR, load_model
+    from asarm.cli import model_card
+
+    for name in ("asarm-en-small", "asarm-py-small"):
+        card = model_card(SHIPPED_DIR / name)
+        model = load_model(name, device="cpu")
+        params = {id(p): p.numel() for p in model.parameters()}
+        assert card["parameters"] == sum(params.values()), name
+        assert card["max_length"] == model.config.max_length
+
+
+def test_lazy_subcommand_help_matches_the_real_parsers():
+    from asarm.cli import LAZY_COMMANDS, build_parser
+
+    def helps(parser):
+        sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+        return {a.dest: a.help for a in sub._choices_actions}
+
+    real, placeholders = helps(build_parser()), helps(build_parser(""))
+    assert real == placeholders and set(LAZY_COMMANDS) <= set(real)

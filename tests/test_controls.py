@@ -126,10 +126,48 @@ def test_greedy_assd_equals_sequential_greedy(wide, draft, order):
         assert torch.equal(single.input_ids, reference.input_ids[b])
 
 
+def parallel_argmaxes(model, filled, hidden, decoded, positions):
+    """For each of ``positions``, the argmax of p(x_pos | visible tokens, the ``decoded``
+    positions of ``filled`` in that order), mask token excluded: what one self-draft pass
+    proposes after them. One full-recompute chain (`chain_logits`, what `score` uses) per
+    position, with pos right after ``decoded``."""
+    L = filled.shape[0]
+    ranks = torch.zeros(len(positions), L, dtype=torch.long)
+    for i, pos in enumerate(positions):
+        rest = [p for p in torch.nonzero(hidden).flatten().tolist() if p != pos and p not in decoded]
+        for r, p in enumerate(decoded + [pos] + rest):
+            ranks[i, p] = r + 1
+    logits, query_pos, _ = model.chain_logits(filled.repeat(len(positions), 1), ranks)
+    logits[..., model.config.mask_token_id] = -math.inf
+    return [int(logits[i, (query_pos[i] == pos).nonzero()[0, 0]].argmax()) for i, pos in enumerate(positions)]
+
+
 def test_greedy_self_draft_accepts_everything_it_should(wide):
+    """Greedy self-draft ASSD, round by round: the drafts are the parallel argmaxes given the
+    tokens known at the round's start; draft j is kept exactly when it equals the greedy chain's
+    token, the first mismatch is replaced by the chain's token and ends the round. Each round
+    costs a draft pass and an oracle pass, a final single-position round only the draft pass."""
+    k = 4
     ids, masked = batch(B=4, seed=6)
-    res = sample(wide, ids, masked, k=4, greedy=True, seed=0)
-    assert (res.nfe <= masked.sum(1)).all()
+    res = sample(wide, ids, masked, k=k, greedy=True, seed=0)
+    chain = sample(wide, ids, masked, method="sequential", greedy=True, seed=0).input_ids
+    assert torch.equal(res.input_ids, chain)
+    outcomes = set()
+    for b in range(ids.shape[0]):
+        order = torch.nonzero(masked[b]).flatten().tolist()  # left to right
+        expected, nfe, n = [], 0, 0
+        while n < len(order):
+            block = min(k, len(order) - n)
+            drafts = parallel_argmaxes(wide, chain[b], masked[b], order[:n], order[n:n + block])
+            assert drafts[0] == int(chain[b, order[n]])  # the first draft is the exact conditional
+            mismatch = next((j for j in range(1, block) if drafts[j] != int(chain[b, order[n + j]])), None)
+            outcomes.add("single" if block == 1 else "full" if mismatch is None else "rejected")
+            expected.append(block if mismatch is None else mismatch + 1)
+            nfe += 1 if block == 1 else 2
+            n += expected[-1]
+        assert res.accepted[b] == expected, b
+        assert int(res.nfe[b]) == nfe and int(res.rounds[b]) == len(expected)
+    assert {"full", "rejected"} <= outcomes  # both kinds of round were checked
 
 
 # --- truncated sampling stays exact ------------------------------------------------------------

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from asarm.errors import CheckpointError, InputError
-from asarm.tokenization import SPECIAL_TOKENS, decode, encode, load_tokenizer, train_tokenizer
+from asarm.tokenization import (SPECIAL_TOKENS, FastTokenizer, _load_auto, decode, encode, load_tokenizer,
+                                train_tokenizer)
+from conftest import ROOT
 
 PARAGRAPH = (
     "Once upon a time, in a quiet village by the sea, there lived an old fisherman. "
@@ -134,3 +139,58 @@ def test_train_errors():
 def test_encode_rejects_non_string(text_tok):
     with pytest.raises(InputError, match="string"):
         encode(text_tok, 123)
+
+
+# --- the direct tokenizers path equals transformers' on both shipped tokenizers -----------------
+SHIPPED = ROOT / "src" / "asarm" / "shipped"
+SHIPPED_TOKENIZERS = sorted(p for p in SHIPPED.glob("*") if (p / "tokenizer.json").is_file())
+SAMPLES = TRICKY + [PARAGRAPH, CODE, "The cat sat on the mat.", " the[[ mat]] and <mask><pad>x", "x = [1, 2]\n\tif y:\n"]
+
+
+@pytest.mark.parametrize("directory", SHIPPED_TOKENIZERS, ids=lambda p: p.name)
+def test_shipped_tokenizer_direct_path_equals_transformers(directory):
+    fast = load_tokenizer(directory)
+    old = _load_auto(directory)
+    assert isinstance(fast, FastTokenizer) and not isinstance(old, FastTokenizer)
+    assert len(fast) == len(old) and fast.vocab_size == old.vocab_size
+    for name in ("unk", "bos", "eos", "cls", "sep", "pad", "mask"):
+        assert getattr(fast, f"{name}_token_id") == getattr(old, f"{name}_token_id"), name
+    assert fast.mask_token_id == 6 and fast.eos_token_id == 2
+    for s in SAMPLES:
+        ids = encode(fast, s)
+        assert ids == encode(old, s), s
+        assert decode(fast, ids) == decode(old, ids) == s
+        assert fast.encode(s) == old.encode(s)  # default arguments: special tokens recognised
+        assert fast(s)["input_ids"] == old(s)["input_ids"]
+    specials = encode(fast, "a") + list(range(7)) + encode(fast, " b")
+    assert decode(fast, specials) == decode(old, specials)
+    assert fast.decode(specials, skip_special_tokens=True) == old.decode(specials, skip_special_tokens=True)
+    assert fast.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == old.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+
+
+def test_direct_tokenizer_saves_what_both_paths_read(tmp_path):
+    fast = load_tokenizer(SHIPPED_TOKENIZERS[0])
+    fast.save_pretrained(tmp_path)
+    again, auto = load_tokenizer(tmp_path), _load_auto(tmp_path)
+    assert isinstance(again, FastTokenizer)
+    for s in SAMPLES:
+        assert encode(again, s) == encode(fast, s) == encode(auto, s)
+
+
+def test_unusual_tokenizer_config_goes_through_transformers(tmp_path, text_tok):
+    text_tok.save_pretrained(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), FastTokenizer)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["do_lower_case"] = True  # a key the direct path does not implement
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not isinstance(load_tokenizer(tmp_path), FastTokenizer)
+
+
+def test_loading_the_shipped_tokenizer_does_not_import_transformers():
+    code = ("import sys; from asarm.tokenization import load_tokenizer; "
+            f"t = load_tokenizer({str(SHIPPED_TOKENIZERS[0])!r}); "
+            "assert t.mask_token_id == 6; print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -4,17 +4,22 @@
     model = asarm.load_model("asarm-en-small")
     print(asarm.infill(model, "The cat sat on the [MASK:3] and purred."))
 
-Heavy dependencies (transformers, tokenizers) load only when a function that needs them runs.
+Every public name loads on first use (PEP 562), so ``import asarm`` and the ``asarm`` command's
+start-up (``--help``, ``models``) do not pay for torch; ``from asarm import ASARM, sample``
+works as usual and imports what it needs.
 """
 
-from .config import ASARMConfig
 from .errors import ASARMError, CheckpointError, InputError
-from .model import ASARM
-from .sampling import DecodeConfig, SampleResult, sample
 
 __version__ = "0.1.0"
 
+# public name -> submodule that defines it
 _LAZY = {
+    "ASARM": "model",
+    "ASARMConfig": "config",
+    "SampleResult": "sampling",
+    "DecodeConfig": "sampling",  # the sampling package's frozen decoding settings
+    "sample": "sampling",
     "load_model": "checkpoint",
     "save_model": "checkpoint",
     "load_tokenizer": "tokenization",
@@ -23,14 +28,18 @@ _LAZY = {
     "ScoreResult": "scoring",
 }
 
-__all__ = ["ASARM", "ASARMConfig", "ASARMError", "CheckpointError", "InputError", "SampleResult", "DecodeConfig",
-           "sample", *_LAZY]
+__all__ = ["ASARMError", "CheckpointError", "InputError", *_LAZY]
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'asarm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,41 +1,62 @@
-"""The ``asarm`` command line: infill, generate, score, train, eval, bench.
+"""The ``asarm`` command line: infill, generate, score, train, eval, bench, models.
 
-User mistakes (bad markup, a missing checkpoint, bad options) print one line and exit with
-code 2; anything else is a bug and keeps its traceback.
+User mistakes (bad markup, a missing checkpoint, bad options, input that is not text) print one
+line and exit with code 2; anything else is a bug and keeps its traceback.
+
+Start-up is kept short: this module and ``cli_args`` import no torch, and the subcommands that
+live in heavier modules (score, train, eval, bench) are imported only when they are used, so
+``asarm --help``, ``asarm models`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
 import time
+from pathlib import Path
 
+from .cli_args import (SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
+                       add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads)
 from .errors import ASARMError, InputError
 
+# Subcommands defined in modules that import torch. `asarm --help` lists them from this table;
+# their real parsers are built only when the command is named (tests check the help texts match).
+LAZY_COMMANDS = {
+    "score": ("scoring", "exact log-likelihood of [[marked]] spans given the rest, in one pass"),
+    "train": ("train", "train or fine-tune an AS-ARM (the paper's joint objective)"),
+    "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
+    "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
+}
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="shipped model name, local HF-format directory or hub id "
-                   "(default: asarm-en-small)")
-    p.add_argument("--revision", default=None, help="hub revision, e.g. nlp or code for therealgabeguo/ASARM")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+
+def limit_note() -> str:
+    """The shipped models' length limits, from their config.json files, for --help."""
+    limits = []
+    for config in sorted(SHIPPED_DIR.glob("*/config.json")):
+        limit = json.loads(config.read_text()).get("asarm_max_length")
+        if limit:
+            limits.append(f"{limit} ({config.parent.name})")
+    if not limits:
+        return "A model's length limit is config.json's asarm_max_length."
+    return (f"The shipped models take at most {' or '.join(limits)} tokens in all, text and holes together; "
+            "`asarm models` lists them.")
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="assd", choices=["assd", "sequential"])
-    p.add_argument("--draft", default="self", choices=["self", "ngram"], help="ASSD draft (default self)")
-    p.add_argument("-k", type=int, default=5, help="ASSD draft block size (default 5)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (exact for ASSD too)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--order", default="left-to-right", help="left-to-right, random, or comma-separated positions")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-cache", action="store_true", help="full recompute every pass (reference baseline)")
-    p.add_argument("--bonus", action="store_true", help="ASSD: a bonus token when every draft of a round is accepted")
-    p.add_argument("--one-pass", action="store_true", help="ASSD self-draft: the oracle pass also drafts the "
-                   "next block, one pass per round (implies --bonus)")
-    p.add_argument("--adaptive-k", action="store_true", help="ASSD: grow k after accepted rounds, shrink it after rejections")
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit code 2) instead of usage + error, like every other
+    user mistake; subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def sampling_options(args) -> dict:
@@ -45,29 +66,14 @@ def sampling_options(args) -> dict:
             order = [int(x) for x in order.split(",")]
         except ValueError:
             raise InputError(f"--order must be left-to-right, random or comma-separated positions, got {order!r}") from None
-    return dict(method=args.method, draft=args.draft, k=args.k, temperature=args.temperature,
-                greedy=args.greedy, top_k=args.top_k, top_p=args.top_p, order=order, seed=args.seed,
+    greedy, temperature = args.greedy, args.temperature
+    if temperature == 0:  # the usual CLI convention: temperature 0 is argmax decoding
+        greedy, temperature = True, 1.0
+    elif not temperature > 0 or temperature == float("inf"):
+        raise InputError(f"--temperature must be > 0, got {args.temperature} (0 or --greedy: argmax decoding)")
+    return dict(method=args.method, draft=args.draft, k=args.k, temperature=temperature,
+                greedy=greedy, top_k=args.top_k, top_p=args.top_p, order=order, seed=args.seed,
                 cache=not args.no_cache, bonus=args.bonus, one_pass=args.one_pass, adaptive_k=args.adaptive_k)
-
-
-def load_cli_model(args):
-    from .checkpoint import DEFAULT_MODEL, load_model
-
-    return load_model(args.model or DEFAULT_MODEL, revision=args.revision, device=args.device, dtype=args.dtype)
-
-
-def read_text(args) -> str:
-    if args.file is not None:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                return f.read()
-        except OSError as exc:
-            raise InputError(f"cannot read {args.file}: {exc.strerror}") from None
-    if args.text is None:
-        raise InputError("give the text as an argument, '-' for standard input, or --file PATH")
-    if args.text == "-":
-        return sys.stdin.read()
-    return args.text
 
 
 def print_stats(result, elapsed: float) -> None:
@@ -85,8 +91,8 @@ def print_stats(result, elapsed: float) -> None:
 def run_infill(args, text: str) -> int:
     from .text import infill
 
+    options = sampling_options(args)  # option errors before the model loads
     model = load_cli_model(args)
-    options = sampling_options(args)
     start = time.perf_counter()
     if args.stream:
         from .text import stream_infill
@@ -112,60 +118,160 @@ def cmd_infill(args) -> int:
 def cmd_generate(args) -> int:
     if args.length < 1:
         raise InputError(f"--length must be >= 1, got {args.length}")
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = read_text(argparse.Namespace(file=None, text="-"))
     escaped = (prompt or "").replace("[", "\\[")
     return run_infill(args, f"{escaped}[MASK:{args.length}]")
 
 
-def cmd_models(args) -> int:
-    from .checkpoint import shipped_models
+# --- asarm models: read from the model folders, no torch -------------------------------------
+def safetensors_parameters(path: Path) -> int:
+    """Number of parameters in a safetensors file, from its JSON header (no weights read)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            total += count
+    return total
 
-    for name in shipped_models():
-        print(name)
+
+def training_data(readme: str) -> str:
+    """A one-line summary of a model card's "## Data" section: the listed sources (or its first
+    sentence) and the training-token count."""
+    m = re.search(r"^## Data\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
+    if m is None:
+        return "see the model's README.md"
+    body = m.group(1)
+    sources = re.findall(r"^\| `([^`]+)` \|", body, re.M)
+    if sources:
+        what = ", ".join(re.sub(r"^english/|\.(txt\.gz|zip|gz|txt)$", "", s) for s in sources)
+    else:
+        first = next((para for para in body.strip().split("\n\n") if para.strip()), "")
+        while re.search(r"\([^()]*\)", first):  # drop parentheticals, innermost first
+            first = re.sub(r"\s*\([^()]*\)", "", first)
+        first = " ".join(first.replace("**", "").replace("`", "").split())
+        what = re.split(r"(?<=[a-z])\.(\s|$)", first)[0]
+    tokens = re.search(r"\*\*([\d.,]+ ?[KMB]) tokens\*\*", body)
+    return f"{tokens.group(1)} tokens: {what}" if tokens else what
+
+
+def model_card(directory: Path) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    weights = directory / "model.safetensors"
+    readme = directory / "README.md"
+    metrics = directory / "metrics.json"
+    card = {"name": directory.name, "max_length": config.get("asarm_max_length"),
+            "parameters": safetensors_parameters(weights) if weights.is_file() else None,
+            "size_mb": weights.stat().st_size / 1e6 if weights.is_file() else None,
+            "training_data": training_data(readme.read_text()) if readme.is_file() else "unknown",
+            "valid_ppl": None, "readme": str(readme)}
+    if metrics.is_file():
+        card["valid_ppl"] = json.loads(metrics.read_text()).get("best_valid_ppl")
+    return card
+
+
+def cmd_models(args) -> int:
+    dirs = sorted(p for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file()) if SHIPPED_DIR.is_dir() else []
+    if not dirs:
+        print("no shipped models in this installation; pass a checkpoint directory with --model")
+        return 0
+    for d in dirs:
+        c = model_card(d)
+        default = " (default)" if c["name"] == "asarm-en-small" else ""
+        size = []
+        if c["parameters"] is not None:
+            size.append(f"{c['parameters'] / 1e6:.2f} M parameters, {c['size_mb']:.1f} MB")
+        size.append(f"limit {c['max_length']} tokens" if c["max_length"] else "no length limit recorded")
+        if c["valid_ppl"] is not None:
+            size.append(f"validation perplexity {c['valid_ppl']:.0f}")
+        print(f"{c['name']}{default}: {', '.join(size)}")
+        print(f"    trained on {c['training_data']}")
+        print(f"    model card: {c['readme']}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asarm", description="Any-subset autoregressive models and exact ASSD sampling.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# --- the parser ----------------------------------------------------------------------------------
+def add_lazy_command(sub, name: str) -> None:
+    """The real parser of a LAZY_COMMANDS entry (imports its module), with --threads added where
+    the module does not define it."""
+    import importlib
+
+    module = importlib.import_module(f".{LAZY_COMMANDS[name][0]}", __package__)
+    module.add_cli(sub)
+    parser = sub.choices[name]
+    if name in ("train", "bench") and not any("--threads" in a.option_strings for a in parser._actions):
+        add_threads_argument(parser)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command`` given, only that lazy subcommand's module is imported
+    (the others get a placeholder that only lists them in --help). "" imports none."""
+    note = limit_note()
+    parser = Parser(prog="asarm", description="Any-subset autoregressive models and exact "
+                                     "ASSD sampling. " + note)
+    parser.add_argument("--version", action="version", version=f"asarm {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("infill", help="fill [MASK:n] holes in a text",
                        description="Fill holes written as [MASK:n] (n = hole length in tokens). "
-                                   "A hole at the end continues the text; '\\[' is a literal bracket.")
+                                   "A hole at the end continues the text; '\\[' is a literal bracket. " + note)
     p.add_argument("text", nargs="?", help="text with holes, or '-' to read standard input")
-    p.add_argument("--file", default=None, help="read the text from this file")
+    p.add_argument("--file", default=None, help="read the text from this file (UTF-8)")
     p.add_argument("--stats", action="store_true", help="print NFE, rounds and tokens per round to stderr")
     p.add_argument("--stream", action="store_true", help="print the text as it fills in")
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)
 
-    p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)")
+    p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)",
+                       description="Continue a prompt by --length tokens. " + note)
     p.add_argument("prompt", nargs="?", default="", help="prompt text ('' for unconditional, '-' for stdin)")
-    p.add_argument("--length", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--length", type=int, default=64, help="tokens to generate (default 64; prompt + length "
+                   "must fit the model's limit)")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--stream", action="store_true")
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("models", help="list the shipped models")
+    p = sub.add_parser("models", help="list the shipped models: size, length limit, training data")
     p.set_defaults(func=cmd_models)
 
-    from . import bench, evaluation, scoring, train
-
-    for part in (scoring, train, evaluation, bench):
-        part.add_cli(sub)
+    for name, (_, help_text) in LAZY_COMMANDS.items():
+        if command is None or command == name:
+            add_lazy_command(sub, name)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def command_name(argv: list[str]) -> str:
+    """The subcommand named in argv ("" when none): the first argument that is not an option
+    (the top-level parser has no options that take a value)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_name(argv))
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):
+            if args.command == "train":  # training keeps its threads in its config (the default there)
+                if args.threads is not None or os.environ.get(THREADS_ENV, "").strip():
+                    args.overrides.append(f"threads={resolve_threads(args.threads)}")
+            else:
+                apply_threads(args.threads)
         return int(args.func(args) or 0)
     except ASARMError as exc:
-        print(f"asarm {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, even when a library's message has several
+        print(f"asarm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -105,7 +105,7 @@ def parse_scored_text(tokenizer, text: str):
 
 
 def cmd_score(args) -> int:
-    from .cli import load_cli_model, read_text
+    from .cli_args import load_cli_model, read_text
     from .tokenization import decode
 
     model = load_cli_model(args)
@@ -129,7 +129,7 @@ def cmd_score(args) -> int:
 
 
 def add_cli(sub) -> None:
-    from .cli import add_model_arguments
+    from .cli_args import add_model_arguments
 
     p = sub.add_parser("score", help="exact log-likelihood of [[marked]] spans given the rest, in one pass",
                        description="Score the spans written [[like this]] given the rest of the text (the "

@@ -14,6 +14,10 @@ Two kinds of tokenizer meet this package:
   separately encoded segment starts a new word ("▁"). The published code tokenizer adds
   special tokens for newline, tab and runs of spaces, which ``decode`` keeps (it skips nothing).
 
+``load_tokenizer`` reads a plain ``tokenizer.json`` (what ``train_tokenizer`` saves) with the
+``tokenizers`` library directly (``FastTokenizer``, milliseconds) and hands anything else to
+``transformers.AutoTokenizer`` (seconds: importing transformers dominates a CLI start-up).
+
 Always use ``encode`` / ``decode`` from this module for infilling text: they add no special
 tokens, treat a literal ``"<mask>"`` in the text as text (never as a hole), and decode with
 ``clean_up_tokenization_spaces=False`` and ``skip_special_tokens=False``.
@@ -38,26 +42,136 @@ def has_tokenizer_files(directory: str | Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
+# tokenizer_config.json keys the direct `tokenizers` path understands; any other key (a slow
+# SentencePiece class, extra tokens, lower-casing flags...) goes through transformers instead.
+DIRECT_CONFIG_KEYS = {
+    "backend", "tokenizer_class", "clean_up_tokenization_spaces", "model_max_length", "is_local",
+    "local_files_only", "padding_side", "truncation_side", "model_input_names", "added_tokens_decoder",
+    "unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "pad_token", "mask_token",
+}
+DIRECT_CLASSES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
+SPECIAL_NAMES = ("unk", "bos", "eos", "cls", "sep", "pad", "mask")
+
+
+class FastTokenizer:
+    """A ``tokenizer.json`` read with ``tokenizers`` alone: the part of transformers' fast
+    tokenizer that asarm uses (encode, decode, special-token ids, ``len``, ``save_pretrained``),
+    loaded in a few milliseconds instead of importing transformers (seconds). Encoding and
+    decoding are the same backend calls transformers makes, so ids and text are identical."""
+
+    def __init__(self, backend, config: dict):
+        self._tokenizer = backend  # the attribute name transformers uses (asarm.data reads it)
+        self.config = dict(config)
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        for name in SPECIAL_NAMES:
+            value = config.get(f"{name}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            setattr(self, f"{name}_token", value)
+            setattr(self, f"{name}_token_id", None if value is None else backend.token_to_id(value))
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=False)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._tokenizer.token_to_id(tokens)
+        return [self._tokenizer.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._tokenizer.id_to_token(ids)
+        return [self._tokenizer.id_to_token(int(i)) for i in ids]
+
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        backend = self._tokenizer
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = split_special_tokens
+        try:
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            backend.encode_special_tokens = before
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces:  # transformers' clean-up, for configs that ask for it
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def save_pretrained(self, directory) -> tuple[str, str]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in self.config.items() if k not in ("is_local", "local_files_only")}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        self._tokenizer.save(str(directory / "tokenizer.json"))
+        return str(directory / "tokenizer_config.json"), str(directory / "tokenizer.json")
+
+
 def load_tokenizer(directory: str | Path):
-    """The tokenizer saved in ``directory`` (``AutoTokenizer``, local files only), or None when
-    the directory holds no tokenizer files. Corrupt or incomplete files raise CheckpointError."""
+    """The tokenizer saved in ``directory`` (local files only), or None when the directory holds
+    no tokenizer files. A plain ``tokenizer.json`` is read with ``tokenizers`` directly
+    (``FastTokenizer``); anything else goes through ``transformers.AutoTokenizer``. Corrupt or
+    incomplete files raise CheckpointError."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: tokenizer directory does not exist")
     if not has_tokenizer_files(directory):
         return None
     tok_json = directory / "tokenizer.json"
+    config = _read_json(directory / "tokenizer_config.json", "corrupt tokenizer config")
+    if tok_json.is_file() and _direct(directory, config):
+        return _load_direct(tok_json, config)
     if tok_json.is_file():
-        try:
-            json.loads(tok_json.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{tok_json}: corrupt tokenizer file, not valid JSON ({exc})") from None
-    cfg = directory / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{cfg}: corrupt tokenizer config, not valid JSON ({exc})") from None
+        _read_json(tok_json, "corrupt tokenizer file")
+    return _load_auto(directory)
+
+
+def _read_json(path: Path, what: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {what}, not valid JSON ({exc})") from None
+
+
+def _direct(directory: Path, config: dict | None) -> bool:
+    if config is None:
+        config = {}
+    if not isinstance(config, dict) or (directory / "special_tokens_map.json").is_file():
+        return False
+    return config.get("tokenizer_class") in DIRECT_CLASSES and set(config) <= DIRECT_CONFIG_KEYS
+
+
+def _load_direct(tok_json: Path, config: dict | None) -> FastTokenizer:
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(tok_json))
+    except Exception as exc:  # tokenizers raises a bare Exception for bad files
+        _read_json(tok_json, "corrupt tokenizer file")  # the clearer message when it is not JSON
+        raise CheckpointError(f"{tok_json.parent}: could not load the tokenizer files ({type(exc).__name__}: {exc})") from None
+    return FastTokenizer(backend, config or {})
+
+
+def _load_auto(directory: Path):
+    tok_json = directory / "tokenizer.json"
     try:
         from transformers import AutoTokenizer
 

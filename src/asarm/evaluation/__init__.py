@@ -111,7 +111,7 @@ def cmd_merge(args) -> int:
 
 
 def _common_arguments(p) -> None:
-    from ..cli import add_model_arguments
+    from ..cli_args import add_model_arguments
 
     add_model_arguments(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
@@ -136,8 +136,6 @@ def _common_arguments(p) -> None:
     p.add_argument("--output", default=None, help="output folder (default eval-results/<task>-<model>)")
     p.add_argument("--overwrite", action="store_true", help="discard the folder's earlier records instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; "
-                   "use 1 on a machine shared with other jobs, where extra threads only spin)")
 
 
 def add_cli(subparsers) -> None:

@@ -1,0 +1,146 @@
+"""Command-line pieces shared by every ``asarm`` subcommand that loads a model.
+
+Nothing here imports torch at module level: ``asarm --help`` and argument errors must answer
+without paying for it. ``apply_threads`` imports torch only when a command is about to run a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+# Default CPU threads for commands that run a model. One thread measured best for the shipped
+# 7 M-parameter models on a 2-core machine, idle and with the other core busy: the per-pass
+# matrices are too small for a second thread to pay off, and a busy core makes torch's extra
+# threads wait on each other (results/threads-cpu/, scripts/threads_bench.py).
+DEFAULT_THREADS = 1
+THREADS_ENV = "ASARM_NUM_THREADS"
+# Where the shipped models live (checkpoint.SHIPPED_DIR, without importing torch to find it).
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU threads for torch (default: ${THREADS_ENV} if set, else {DEFAULT_THREADS}: "
+                        "fastest for the small shipped models, idle or on a busy machine)")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="shipped model name (see `asarm models`), local HF-format "
+                   "directory or hub id (default: asarm-en-small, 128-token limit)")
+    p.add_argument("--revision", default=None, help="hub revision, e.g. nlp or code for therealgabeguo/ASARM "
+                   "(hub ids only)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    add_threads_argument(p)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="assd", choices=["assd", "sequential"])
+    p.add_argument("--draft", default="self", choices=["self", "ngram"], help="ASSD draft (default self)")
+    p.add_argument("-k", type=int, default=5, help="ASSD draft block size (default 5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default 1; "
+                   "0 means --greedy)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (exact for ASSD too)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--order", default="left-to-right", help="left-to-right, random, or comma-separated positions")
+    p.add_argument("--seed", type=int, default=None, help="integer seed: same seed, same output "
+                   "(default: a fresh random seed)")
+    p.add_argument("--no-cache", action="store_true", help="full recompute every pass (reference baseline)")
+    p.add_argument("--bonus", action="store_true", help="ASSD: a bonus token when every draft of a round is accepted")
+    p.add_argument("--one-pass", action="store_true", help="ASSD self-draft: the oracle pass also drafts the "
+                   "next block, one pass per round (implies --bonus)")
+    p.add_argument("--adaptive-k", action="store_true", help="ASSD: grow k after accepted rounds, shrink it after rejections")
+
+
+def resolve_threads(requested: int | None) -> int | None:
+    """Threads to use: --threads, else $ASARM_NUM_THREADS, else None when the user set
+    OMP_NUM_THREADS (torch already follows it), else DEFAULT_THREADS."""
+    if requested is not None:
+        if requested < 1:
+            raise InputError(f"--threads must be >= 1, got {requested}")
+        return requested
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise InputError(f"{THREADS_ENV} must be an integer >= 1, got {env!r}")
+        return value
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return DEFAULT_THREADS
+
+
+def apply_threads(requested: int | None) -> int | None:
+    """Set torch's intra-op threads (see ``resolve_threads``); returns the number set, or None."""
+    threads = resolve_threads(requested)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
+
+
+def load_cli_model(args):
+    from .checkpoint import DEFAULT_MODEL, load_model
+
+    name = args.model or DEFAULT_MODEL
+    if args.revision is not None:
+        check_revision(name, args.revision)
+    return load_model(name, revision=args.revision, device=args.device, dtype=args.dtype)
+
+
+def check_revision(name: str, revision: str) -> None:
+    """A revision picks a version of a hub repository; for anything else it would be silently
+    ignored, so say so instead."""
+    if os.path.exists(os.path.expanduser(name)):
+        what = "a local path"
+    elif (SHIPPED_DIR / name / "config.json").is_file():
+        what = "a model shipped with asarm"
+    else:
+        return  # a hub id (the revision is used) or a missing model (load_model says so)
+    raise InputError(f"--revision {revision!r} applies to hub ids (owner/name) only; {name!r} is {what}: "
+                     "drop --revision")
+
+
+def read_text(args) -> str:
+    """The command's input text: --file PATH, '-' for standard input, or the argument itself.
+    Input that is not UTF-8 text is an InputError, not a traceback."""
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise InputError(f"cannot read {args.file}: {exc.strerror}") from None
+        return _decode_text(data, args.file)
+    if args.text is None:
+        raise InputError("give the text as an argument, '-' for standard input, or --file PATH")
+    if args.text == "-":
+        stdin = getattr(sys.stdin, "buffer", None)
+        if stdin is None:  # a text stream (tests, embedding): nothing to decode
+            return _check_text(sys.stdin.read(), "standard input")
+        return _decode_text(stdin.read(), "standard input")
+    return args.text
+
+
+def _decode_text(data: bytes, where: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                         "convert it, e.g. iconv -t UTF-8") from None
+    return _check_text(text, where)
+
+
+def _check_text(text: str, where: str) -> str:
+    if "\x00" in text:
+        raise InputError(f"{where} contains NUL bytes: it looks like a binary file, not text")
+    return text
