@@ -55,7 +55,15 @@ def default_configs(k: int, batches: list[int]) -> list[Config]:
 def speedup_configs(k: int) -> list[Config]:
     """Plain cached ASSD against each exact improvement and their combination (one list,
     ``asarm.sampling.speedup_configs``, shared with ``asarm eval --speedups``)."""
-    return [Config("cached " + c.label, c) for c in decode_speedup_configs(k)]
+    return [Config(_speedup_name(c), c) for c in decode_speedup_configs(k)]
+
+
+def _speedup_name(c: DecodeConfig) -> str:
+    """"ASSD + one-pass + adaptive k": the names earlier result files use."""
+    if c.method == "sequential":
+        return "cached sequential"
+    return " + ".join(["ASSD" + (" n-gram" if c.draft == "ngram" else "")] +
+                      [v.replace("adaptive-k", "adaptive k") for v in c.variants])
 
 
 def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int, corpus=None):

@@ -60,6 +60,9 @@ def version() -> str:
 
 
 def sampling_options(args) -> dict:
+    """The ``sample`` arguments of a command line: one ``DecodeConfig`` plus order and seed."""
+    from .sampling import DecodeConfig
+
     order = args.order
     if order not in ("left-to-right", "random"):
         try:
@@ -71,9 +74,10 @@ def sampling_options(args) -> dict:
         greedy, temperature = True, 1.0
     elif not temperature > 0 or temperature == float("inf"):
         raise InputError(f"--temperature must be > 0, got {args.temperature} (0 or --greedy: argmax decoding)")
-    return dict(method=args.method, draft=args.draft, k=args.k, temperature=temperature,
-                greedy=greedy, top_k=args.top_k, top_p=args.top_p, order=order, seed=args.seed,
-                cache=not args.no_cache, bonus=args.bonus, one_pass=args.one_pass, adaptive_k=args.adaptive_k)
+    config = DecodeConfig(method=args.method, draft=args.draft, k=args.k, temperature=temperature, greedy=greedy,
+                          top_k=args.top_k, top_p=args.top_p, cache=not args.no_cache, bonus=args.bonus,
+                          one_pass=args.one_pass, adaptive_k=args.adaptive_k)
+    return dict(config=config, order=order, seed=args.seed)
 
 
 def print_stats(result, elapsed: float) -> None:

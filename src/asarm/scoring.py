@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import re
 
 import torch
 
 from .errors import InputError
 from .ranks import decoding_order, ranks_from_order
-from .sampling import TargetDistribution, check_inputs, check_temperature, row_orders, row_seed
+from .sampling import TargetDistribution, check_inputs, check_temperature, resolve_seed, row_orders, row_seed
 
 
 @dataclasses.dataclass
@@ -52,8 +51,7 @@ def score(model, input_ids: torch.Tensor, masked: torch.Tensor, *, order="left-t
     hid = hid & valid
     if bool((ids[hid] == model.config.mask_token_id).any()):
         raise InputError("a hidden position holds the mask token: score needs the real tokens at hidden positions")
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**62)
+    seed = resolve_seed(seed)
     ranks = torch.stack([
         ranks_from_order(L, decoding_order(hid[b], o, torch.Generator().manual_seed(row_seed(seed, b))),
                          int(valid[b].sum()))

@@ -14,7 +14,7 @@ Files, in the order data flows:
   api.py        ``sample()``
 """
 
-from .api import SampleResult, row_orders, sample
+from .api import SampleResult, resolve_seed, row_orders, sample
 from .checks import check_inputs
 from .config import METHODS, DecodeConfig, check_temperature, config_label, speedup_configs
 from .engine import Engine, RowHandle, row_seed
@@ -27,4 +27,4 @@ DRAFTS = tuple(PROPOSERS)
 
 __all__ = ["sample", "SampleResult", "DecodeConfig", "speedup_configs", "config_label", "Engine", "RowHandle", "RoundEvent",
            "TargetDistribution", "draw", "residual", "verify", "Verdict", "Proposer", "Block", "PROPOSERS",
-           "check_inputs", "check_temperature", "row_seed", "row_orders", "METHODS", "DRAFTS"]
+           "check_inputs", "check_temperature", "row_seed", "row_orders", "resolve_seed", "METHODS", "DRAFTS"]
