@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config, tiny_model
 
 import asarm
-from asarm import checkpoint
+from asarm import checkpoint, storage
 from asarm.checkpoint import DEFAULT_MODEL, load_model, save_model, shipped_models
 from asarm.errors import CheckpointError, InputError
 from asarm.model import ASARM
@@ -326,14 +326,14 @@ def test_vocab_mismatch(saved):
 
 # --- shipped names and hub ids ------------------------------------------------------------------
 def test_shipped_model_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(storage, "SHIPPED_DIR", tmp_path / "shipped")
     assert shipped_models() == []
     with pytest.raises(CheckpointError, match=f"shipped model '{DEFAULT_MODEL}' is not installed"):
         load_model(DEFAULT_MODEL)
 
 
 def test_shipped_model_found(monkeypatch, tmp_path):
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(storage, "SHIPPED_DIR", tmp_path)
     model = tiny_model(seed=4)
     save_model(model, tmp_path / "asarm-en-small")
     assert shipped_models() == ["asarm-en-small"]
