@@ -392,7 +392,8 @@ class ASARM(nn.Module):
         if quantize is not None:
             quant.quantize_model(model, quantize)
         if dtype is None:
-            dtype = torch.bfloat16 if config.quantization is not None and device.type == "cpu" else torch.float32
+            int8 = model.config.quantization is not None  # quantize_model replaced the config
+            dtype = torch.bfloat16 if int8 and device.type == "cpu" else torch.float32
         model.to(device=device, dtype=dtype)
         model.eval()
         model.tokenizer = tokenizer

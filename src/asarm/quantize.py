@@ -202,3 +202,52 @@ def check_loadable(config, found_keys) -> None:
     if has_int8 and getattr(config, "quantization", None) is None:
         raise CheckpointError("the weight file stores int8 tensors but config.json has no "
                               "asarm_quantization field")
+
+
+# --- measuring against the memory floor (used by scripts/bench_quantized.py and `asarm bench`) ---
+def copy_bandwidth(nbytes: int = 2**30, repeats: int = 3) -> float:
+    """Bytes per second of a plain copy of a buffer far larger than the CPU caches (each byte
+    read once and written once, counted once), best of ``repeats``."""
+    import time
+
+    a = torch.ones(nbytes // 4)
+    b = torch.zeros_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def floor_columns(model, seconds_per_pass: float, bandwidth: float) -> dict:
+    """Per configuration: bytes of weights read per pass, the floor (bytes / bandwidth) and the
+    pass time as a multiple of it."""
+    nbytes = bytes_per_pass(model)
+    floor = nbytes / bandwidth
+    return dict(weight_bytes_per_pass=nbytes, copy_bandwidth=bandwidth, floor_s=floor,
+                floor_multiple=seconds_per_pass / floor)
+
+
+# --- `asarm quantize MODEL OUT --to int8` ------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from .checkpoint import load_model, save_model
+
+    # fp32 so that biases and norms are written at full precision; int8 values + fp32 scales
+    model = load_model(args.model, revision=getattr(args, "revision", None), device="cpu", dtype="fp32",
+                       quantize=args.to)
+    save_model(model, args.out)
+    before = model.num_parameters()
+    print(f"wrote {args.out}: {args.to} weight-only ({before / 1e6:.1f}M weights, "
+          f"{bytes_per_pass(model) / 2**20:.0f} MiB read per pass with fp32 norms/biases)")
+    return 0
+
+
+def add_quantize_cli(subparsers) -> None:
+    """Register ``asarm quantize`` (the lead wires this into cli.py)."""
+    p = subparsers.add_parser("quantize", help="write a weight-only int8 copy of a model (loads with load_model)")
+    p.add_argument("model", help="shipped name, checkpoint directory or hub id")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", default="int8", choices=list(METHODS), help="quantization (default int8)")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_quantize)
