@@ -77,7 +77,8 @@ class ASARMConfig:
     def parameter_estimate(self) -> int:
         """Number of parameters the config describes (without allocating them)."""
         d, layers = self.d_model, self.n_layer
-        per_layer = 5 * d * d + 4 * d + 2 * d * self.d_inner + self.d_inner + 5 * d
+        # q, k, v, o, r; three attention biases, seg_embed (2) and two layer norms (2 each); the FFN
+        per_layer = 5 * d * d + 10 * d + 2 * d * self.d_inner + self.d_inner
         return self.vocab_size * (d + 1) + d + layers * per_layer
 
     # --- HF config.json round trip -------------------------------------------------------
