@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from asarm import quantize as quant  # noqa: E402
 from asarm.cache import ContentCache  # noqa: E402
 from asarm.config import ASARMConfig  # noqa: E402
 from asarm.model import ASARM  # noqa: E402
@@ -59,6 +58,8 @@ def build(variant: str, device="cpu", seed=0) -> ASARM:
     torch.manual_seed(seed)
     model = ASARM(ASARMConfig(**XLNET_BASE)).eval()
     if variant == "int8":
+        from asarm import quantize as quant
+
         quant.quantize_model(model, "int8")
         return model.to(device=device, dtype=torch.bfloat16)
     return model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[variant])
@@ -121,6 +122,8 @@ def weight_only_pass(model: ASARM, rel_table) -> float:
 
 
 def time_variant(model, length, passes, bandwidth) -> dict:
+    from asarm import quantize as quant
+
     step = CachedPass(model, length)
     step()
     times = []
@@ -139,6 +142,8 @@ def time_variant(model, length, passes, bandwidth) -> dict:
 
 def int8_rows_table(rows_list, repeats=7) -> list[dict]:
     """One 768 -> 3072 product: bf16 weights vs int8 via _weight_int8pack_mm vs int8 dequantized."""
+    from asarm import quantize as quant
+
     w = torch.randn(3072, 768)
     wb = w.bfloat16()
     q, scale = quant.quantize_tensor(w)

@@ -28,10 +28,12 @@ from .errors import CheckpointError, InputError
 
 METHODS = ("int8",)
 # ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's fused weight-only int8 matmul on CPU) reads
-# the int8 weights once, but its cost grows linearly with the number of rows: measured on this
-# project's CPU (scripts/profile_cached_pass.py --int8-kernel), it beats dequantize-then-bf16-
-# matmul only up to this many rows. Above it the weights are dequantized per call.
-FUSED_MAX_ROWS = 2
+# the int8 weights once, but its cost grows linearly with the number of rows (it is compute
+# bound: 768x3072, one thread, best of 15: 172 us at 1 row, 317 at 4, 889 at 11, 1258 at 16,
+# against 900-1030 us to dequantize to bf16 and multiply; bf16 weights take 370-450 us at any of
+# these row counts). Measured with scripts/profile_cached_pass.py --int8-rows; above this many
+# rows the weights are dequantized per call instead.
+FUSED_MAX_ROWS = 12
 ATTENTION_MATRICES = ("q", "k", "v", "o", "r")
 
 
