@@ -51,7 +51,8 @@ def main() -> int:
             start = time.perf_counter()
             res = evaluate_sources(model, card["sources"], kind=card["kind"], seq_len=card["seq_len"],
                                    max_chunks=args.max_chunks or card["max_chunks"], seed=1234, low=0.85, high=0.99)
-            res.update(model=card["model"], variant=name, seconds=time.perf_counter() - start)
+            res.update(model=card["model"], variant=name, seconds=time.perf_counter() - start,
+                       activations=str(model.dtype), quantization=model.config.quantization)
             records.append(res)
             print(json.dumps(res), flush=True)
     for r in records:
