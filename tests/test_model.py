@@ -183,8 +183,8 @@ def test_fast_layout_changes_strides_not_results(dtype):
     q = model.transformer.layer[0].rel_attn.q
     if dtype == torch.float32:  # fp32: [in, out] storage (x @ W.T reads rows of W.T)
         assert w1.stride() == (1, w1.shape[0]) and q.is_contiguous()
-    else:  # bf16: [out, in] storage
-        assert w1.is_contiguous() and q.flatten(1).stride() == (1, q.shape[0])
+    else:  # bf16: plain layout (no measured gain from another)
+        assert w1.is_contiguous() and q.is_contiguous()
     assert model.lm_loss.weight is model.transformer.word_embedding.weight  # still tied
     fast = model.chain_logits(ids, ranks)[0]
     model.fast_layout = False

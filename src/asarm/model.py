@@ -165,8 +165,8 @@ class ASARM(nn.Module):
         self.lm_loss = nn.Linear(config.d_model, config.vocab_size)
         self.lm_loss.weight = self.transformer.word_embedding.weight  # tied, as in XLNet
         self.dropout = nn.Dropout(config.dropout)
-        # In eval mode, store each weight matrix in the orientation its dtype multiplies fastest
-        # by (see ``_relayout``); False keeps the default layout (for comparisons).
+        # In eval mode on CPU, store fp32 weight matrices [in, out], the orientation fp32 multiplies
+        # fastest by (see ``_relayout``); False keeps the plain layout (for comparisons).
         self.fast_layout = True
         self.reset_parameters()
         if config.quantization is not None:
@@ -216,14 +216,14 @@ class ASARM(nn.Module):
 
     @torch.no_grad()
     def _relayout(self) -> None:
-        """Same parameters, same values, different strides. Measured on CPU with the 5-15-row
-        products of cached passes (scripts/profile_cached_pass.py): fp32 multiplies fastest by a
-        weight stored [in, out], bf16/fp16 (oneDNN) by one stored [out, in]. Training and
-        ``fast_layout = False`` use plain contiguous tensors."""
-        fast = self.fast_layout and not self.training and self.device.type == "cpu"
-        want_in_major = self.dtype == torch.float32
+        """Same parameters, same values, different strides. On CPU, fp32 multiplies the 5-15-row
+        activations of cached passes about twice as fast by a weight stored [in, out] as by one
+        stored [out, in] (nn.Linear's layout): scripts/profile_cached_pass.py --compare-layout.
+        bf16 showed no consistent difference, so it keeps the plain layout, as do training, GPUs
+        and ``fast_layout = False``."""
+        fast = self.fast_layout and not self.training and self.device.type == "cpu" and self.dtype == torch.float32
         for p, dim0_is_in in self._matrices():
-            transposed = fast and (dim0_is_in != want_in_major)
+            transposed = fast and not dim0_is_in  # store [in, out]
             flat = p.data.flatten(1)
             is_transposed = flat.stride(0) == 1 and flat.shape[1] > 1
             if transposed == is_transposed and (transposed or p.data.is_contiguous()):
