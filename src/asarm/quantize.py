@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import QUANTIZATIONS as METHODS
 from .errors import CheckpointError, InputError
 
-METHODS = ("int8",)
 # ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's fused weight-only int8 matmul on CPU) reads
 # the int8 weights once, but its cost grows linearly with the number of rows (it is compute
 # bound: 768x3072, one thread, best of 15: 172 us at 1 row, 317 at 4, 889 at 11, 1258 at 16,
@@ -231,25 +231,5 @@ def floor_columns(model, seconds_per_pass: float, bandwidth: float) -> dict:
                 floor_multiple=seconds_per_pass / floor)
 
 
-# --- `asarm quantize MODEL OUT --to int8` ------------------------------------------------------
-def cmd_quantize(args) -> int:
-    from .checkpoint import load_model, save_model
-
-    # fp32 so that biases and norms are written at full precision; int8 values + fp32 scales
-    model = load_model(args.model, revision=getattr(args, "revision", None), device="cpu", dtype="fp32",
-                       quantize=args.to)
-    save_model(model, args.out)
-    before = model.num_parameters()
-    print(f"wrote {args.out}: {args.to} weight-only ({before / 1e6:.1f}M weights, "
-          f"{bytes_per_pass(model) / 2**20:.0f} MiB read per pass with fp32 norms/biases)")
-    return 0
-
-
-def add_quantize_cli(subparsers) -> None:
-    """Register ``asarm quantize`` (the lead wires this into cli.py)."""
-    p = subparsers.add_parser("quantize", help="write a weight-only int8 copy of a model (loads with load_model)")
-    p.add_argument("model", help="shipped name, checkpoint directory or hub id")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--to", default="int8", choices=list(METHODS), help="quantization (default int8)")
-    p.add_argument("--revision", default=None)
-    p.set_defaults(func=cmd_quantize)
+# `asarm quantize MODEL OUT --to int8` lives in quantize_cli.py, which imports no torch (fast --help).
+from .quantize_cli import add_quantize_cli, cmd_quantize  # noqa: E402,F401
