@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--passes", type=int, default=15)
     p.add_argument("--variants", default="fp32,bf16,int8")
+    p.add_argument("--dtype", default=None, help="one variant only (fp32/bf16/fp16/int8): same as --variants DTYPE")
     p.add_argument("--compare-layout", action="store_true")
     p.add_argument("--int8-rows", default="")
     p.add_argument("--profile", default="", help="variant to run under torch.profiler")
@@ -174,6 +175,8 @@ def main() -> None:
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dtype:
+        args.variants = args.dtype
 
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} thread(s); machine may be shared)")
