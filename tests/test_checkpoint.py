@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config, tiny_model
 
 import asarm
-from asarm import checkpoint
+from asarm import checkpoint, storage
 from asarm.checkpoint import DEFAULT_MODEL, load_model, save_model, shipped_models
 from asarm.errors import CheckpointError, InputError
 from asarm.model import ASARM
@@ -326,14 +326,14 @@ def test_vocab_mismatch(saved):
 
 # --- shipped names and hub ids ------------------------------------------------------------------
 def test_shipped_model_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(storage, "SHIPPED_DIR", tmp_path / "shipped")
     assert shipped_models() == []
     with pytest.raises(CheckpointError, match=f"shipped model '{DEFAULT_MODEL}' is not installed"):
         load_model(DEFAULT_MODEL)
 
 
 def test_shipped_model_found(monkeypatch, tmp_path):
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(storage, "SHIPPED_DIR", tmp_path)
     model = tiny_model(seed=4)
     save_model(model, tmp_path / "asarm-en-small")
     assert shipped_models() == ["asarm-en-small"]
@@ -369,3 +369,55 @@ def test_hub_download_path_is_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: str(tmp_path / "snap"))
     loaded = load_model("therealgabeguo/ASARM", revision="code")
     assert torch.equal(logits(loaded), logits(model))
+
+
+# --- hostile configs: refused before anything is allocated (issue 15) ----------------------------
+@pytest.mark.parametrize("field,value,message", [
+    ("n_layer", 100000, "n_layer = 100000 is larger than any supported model"),
+    ("d_model", 10**9, "d_model = 1000000000 is larger"),
+    ("vocab_size", 2**40, "vocab_size = 1099511627776 is larger"),
+    ("d_inner", 1e9, "d_inner must be a positive integer"),
+    ("n_layer", True, "n_layer must be a positive integer"),
+])
+def test_hostile_config_sizes_are_refused(saved, field, value, message):
+    import time
+
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[field] = value
+    if field == "d_model":
+        cfg["d_head"] = value // cfg["n_head"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+    assert time.perf_counter() - start < 5  # nothing big was built
+
+
+def test_config_within_bounds_but_not_the_weights_is_refused_before_allocation(saved, monkeypatch):
+    """n_layer=1000 with a 3-layer weight file: the header says so; the model is never built."""
+    from asarm import model as model_module
+
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(n_layer=1000, d_model=1024, n_head=16, d_head=64, d_inner=4096)  # 12.6G parameters
+    (path / "config.json").write_text(json.dumps(cfg))
+    built = []
+    monkeypatch.setattr(model_module.ASARM, "reset_parameters", lambda self, *a: built.append(1))
+    with pytest.raises(CheckpointError, match="config.json says n_layer=1000, the weight file has"):
+        load_model(path)
+    assert not built
+
+
+def test_parameter_estimate_counts_the_real_model():
+    model = tiny_model(vocab_size=30, d_model=24, n_head=3, d_inner=40, n_layer=3)
+    assert model.config.parameter_estimate() == model.num_parameters()
+
+
+def test_header_shapes_without_loading(saved):
+    _, path = saved
+    shapes = storage.header_shapes(path)
+    assert shapes["transformer.layer.0.ff.layer_1.weight"] == (32, 16)
+    torch.save({k: torch.zeros(v) for k, v in shapes.items()}, path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    assert storage.header_shapes(path) == shapes

@@ -134,3 +134,64 @@ def test_config_round_trip_keeps_unknown_keys():
                                  "n_layer": 1, "d_inner": 8, "summary_type": "last", "task_specific_params": {"a": 1}})
     again = ASARMConfig.from_dict(cfg.to_dict())
     assert again == cfg and again.extra["summary_type"] == "last"
+
+
+# --- fp16 (issue 15: the -1e30 mask fill used to overflow half) -----------------------------------
+def test_fp16_runs_and_is_close_to_fp32():
+    model = make(CONFIGS[1], seed=3)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 30, (2, 12), generator=g)
+    ranks = torch.stack([structure("fully-hidden", 12, g), structure("random", 12, g)])
+    ref, _, valid = model.chain_logits(ids, ranks)
+    half, _, _ = model.to(torch.float16).chain_logits(ids, ranks)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()  # incl. the query that sees no key
+    p_ref = torch.softmax(ref[valid], -1)
+    p_half = torch.softmax(half[valid].float(), -1)
+    assert (p_ref - p_half).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("options", [dict(method="sequential"), dict(), dict(draft="ngram"), dict(cache=False)])
+def test_fp16_sampling_keeps_the_invariants(options):
+    """Like the bf16 tests: visible tokens kept, no mask token, within one pass per token, same
+    seed same result."""
+    from asarm.sampling import sample
+    from conftest import random_rows, tiny_model
+
+    half = tiny_model(seed=1).to(torch.float16)
+    ids, masked = random_rows(4, 16, 8, seed=5)
+    res = sample(half, ids, masked, seed=0, **options)
+    assert torch.equal(res.input_ids[~masked], ids[~masked])
+    assert (res.input_ids != half.config.mask_token_id).all() and (res.input_ids < 8).all()
+    assert (res.nfe <= masked.sum(1)).all()
+    assert torch.equal(res.input_ids, sample(half, ids, masked, seed=0, **options).input_ids)
+
+
+def test_masked_score_fits_every_dtype():
+    from asarm.model import MASKED_SCORE, masked_score
+
+    assert masked_score(torch.float32) == MASKED_SCORE == masked_score(torch.bfloat16)
+    assert torch.isfinite(torch.tensor(masked_score(torch.float16), dtype=torch.float16))
+
+
+# --- weight layout for inference: strides only, never values --------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_layout_changes_strides_not_results(dtype):
+    model = make(CONFIGS[1], seed=6).to(dtype)
+    ids = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    ranks = torch.stack([structure("random", 9, torch.Generator().manual_seed(i)) for i in range(2)])
+    w1 = model.transformer.layer[0].ff.layer_1.weight
+    q = model.transformer.layer[0].rel_attn.q
+    if dtype == torch.float32:  # fp32: [in, out] storage (x @ W.T reads rows of W.T)
+        assert w1.stride() == (1, w1.shape[0]) and q.is_contiguous()
+    else:  # bf16: plain layout (no measured gain from another)
+        assert w1.is_contiguous() and q.is_contiguous()
+    assert model.lm_loss.weight is model.transformer.word_embedding.weight  # still tied
+    fast = model.chain_logits(ids, ranks)[0]
+    model.fast_layout = False
+    model.eval()
+    assert w1.is_contiguous() and q.is_contiguous()
+    plain = model.chain_logits(ids, ranks)[0]
+    assert torch.allclose(fast.float(), plain.float(), atol=1e-5 if dtype == torch.float32 else 0.05)
+    model.fast_layout = True
+    model.train()  # training always uses plain contiguous tensors
+    assert all(p.is_contiguous() for p in model.parameters())

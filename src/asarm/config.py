@@ -14,6 +14,11 @@ from typing import Any
 from .errors import CheckpointError
 
 SUPPORTED_ACTIVATIONS = ("gelu", "relu", "gelu_new", "silu", "swish")
+QUANTIZATIONS = ("int8",)
+# Sizes no real checkpoint comes near; a config.json beyond them is refused before anything is
+# allocated (a hostile n_layer=100000 or d_model=1e9 would otherwise allocate until memory runs out).
+MAX_SIZES = dict(vocab_size=2**22, d_model=2**16, n_layer=1024, n_head=1024, d_inner=2**18)
+MAX_PARAMETERS = 2 * 10**10
 
 
 @dataclasses.dataclass
@@ -37,6 +42,8 @@ class ASARMConfig:
     # Longest sequence the model may be asked to handle. XLNet's relative positions have no
     # hard limit; None means "no limit", a number is enforced with a clear error.
     max_length: int | None = None
+    # Not an XLNet field: None for float weights, "int8" for weight-only int8 (see quantize.py).
+    quantization: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -47,8 +54,13 @@ class ASARMConfig:
         problems = []
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_inner"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+            elif value > MAX_SIZES[name]:
+                problems.append(f"{name} = {value} is larger than any supported model (at most {MAX_SIZES[name]})")
+        if not problems and self.parameter_estimate() > MAX_PARAMETERS:
+            problems.append(f"the config describes {self.parameter_estimate():.3g} parameters "
+                            f"(at most {MAX_PARAMETERS:.0g} are supported)")
         if not problems and self.d_model % self.n_head:
             problems.append(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         if self.ff_activation not in SUPPORTED_ACTIVATIONS:
@@ -57,8 +69,17 @@ class ASARMConfig:
             )
         if not problems and not 0 <= self.mask_token_id < self.vocab_size:
             problems.append(f"mask_token_id {self.mask_token_id} is outside the vocabulary of {self.vocab_size}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            problems.append(f"asarm_quantization {self.quantization!r} is not supported (use one of {QUANTIZATIONS})")
         if problems:
             raise CheckpointError("invalid model config: " + "; ".join(problems))
+
+    def parameter_estimate(self) -> int:
+        """Number of parameters the config describes (without allocating them)."""
+        d, layers = self.d_model, self.n_layer
+        # q, k, v, o, r; three attention biases, seg_embed (2) and two layer norms (2 each); the FFN
+        per_layer = 5 * d * d + 10 * d + 2 * d * self.d_inner + self.d_inner
+        return self.vocab_size * (d + 1) + d + layers * per_layer
 
     # --- HF config.json round trip -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +109,7 @@ class ASARMConfig:
                 "reuse_len": None,
                 "asarm_mask_token_id": self.mask_token_id,
                 "asarm_max_length": self.max_length,
+                "asarm_quantization": self.quantization,
             }
         )
         return out
@@ -107,18 +129,25 @@ class ASARMConfig:
         if data.get("bi_data"):
             raise CheckpointError(f"{source}: bi_data=True is not supported")
         if "d_head" in data and "d_model" in data and "n_head" in data:
-            if data["d_head"] * data["n_head"] != data["d_model"]:
-                raise CheckpointError(f"{source}: d_head * n_head must equal d_model")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "mask_token_id", "max_length"}
+            if not all(isinstance(data[k], int) for k in ("d_head", "n_head", "d_model")) or \
+                    data["d_head"] * data["n_head"] != data["d_model"]:
+                raise CheckpointError(f"{source}: d_head * n_head must equal d_model (integers)")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "mask_token_id", "max_length", "quantization"}
         kwargs = {k: data[k] for k in names if k in data and data[k] is not None}
         if "asarm_mask_token_id" in data and data["asarm_mask_token_id"] is not None:
             kwargs["mask_token_id"] = data["asarm_mask_token_id"]
         if data.get("asarm_max_length") is not None:
             kwargs["max_length"] = data["asarm_max_length"]
+        if data.get("asarm_quantization") is not None:
+            kwargs["quantization"] = data["asarm_quantization"]
         known = names | {"model_type", "architectures", "d_head", "attn_type", "bi_data", "untie_r",
-                         "mem_len", "reuse_len", "asarm_mask_token_id", "asarm_max_length"}
+                         "mem_len", "reuse_len", "asarm_mask_token_id", "asarm_max_length",
+                         "asarm_quantization"}
         extra = {k: v for k, v in data.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as exc:  # e.g. a field given as a list: still one clear line
+            raise CheckpointError(f"{source}: invalid model config ({exc})") from None
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / "config.json"

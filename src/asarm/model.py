@@ -24,18 +24,35 @@ invisible and breaks exact chain sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantize as quant
+from . import storage
 from .config import ASARMConfig
+from .errors import CheckpointError, InputError
+from .ranks import NO_KEY, key_ranks  # NO_KEY: the one "no key / padding" sentinel (ranks.py)
 
-# Rank of a key slot that no row may see (padding, uncommitted cache slots).
-NO_KEY = 2**40
 # Additive attention bias for keys a row may not see; finite so fully masked rows stay finite.
 MASKED_SCORE = -1e30
+
+
+def masked_score(dtype: torch.dtype) -> float:
+    """MASKED_SCORE where the dtype holds it; fp16 (max 65504) gets -max/2, which still leaves
+    room for the scores it is added to without overflowing to -inf."""
+    big = torch.finfo(dtype).max
+    return MASKED_SCORE if big > 1e32 else -big / 2
+
+
+def project(x: torch.Tensor, weight, shape: tuple[int, int]) -> torch.Tensor:
+    """[..., d_in] -> [..., n, dh] through an attention matrix stored [d_in, n, dh] (float, any
+    strides) or an ``Int8Weight``."""
+    y = weight(x) if isinstance(weight, nn.Module) else x @ weight.flatten(1)
+    return y.unflatten(-1, shape)
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -71,9 +88,13 @@ class RelativeAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, weight) -> torch.Tensor:
         """[B, T, d_model] @ [d_model, n, dh] -> [B, T, n, dh]."""
-        return (x @ weight.flatten(1)).unflatten(-1, (self.n_head, self.d_head))
+        return project(x, weight, (self.n_head, self.d_head))
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """[B, T, n * dh] -> [B, T, d_model] through ``o`` (stored [d_model, n, dh])."""
+        return self.o(attn) if isinstance(self.o, nn.Module) else attn @ self.o.flatten(1).T
 
     def forward(self, x, keys, values, bias_parts, rel_table):
         """x: rows [B, T, d]; keys/values [B, K, n, dh]; returns new rows [B, T, d].
@@ -84,11 +105,12 @@ class RelativeAttention(nn.Module):
         B, T, _ = x.shape
         q = self.project(x, self.q).transpose(1, 2)  # [B, n, T, dh]
         # Position term: score every row against the whole table of relative distances, then
-        # pick the distance of each (row, key) pair. Cheap when T is small (cached passes).
-        pos_scores = torch.einsum("bntd,rnd->bntr", q + self.r_r_bias[:, None], rel_table)
+        # pick the distance of each (row, key) pair. Cheap when T is small (cached passes). The
+        # table is stored [n, dh, R] so this is one batched matmul with no copy of the table.
+        pos_scores = (q + self.r_r_bias[:, None]) @ rel_table  # [B, n, T, R]
         index = rel_index[:, None].expand(B, self.n_head, T, rel_index.shape[-1])
         bias = pos_scores.gather(-1, index) * self.scale
-        bias = bias.masked_fill(~allowed[:, None], MASKED_SCORE)
+        bias = bias.masked_fill(~allowed[:, None], masked_score(bias.dtype))
         attn = F.scaled_dot_product_attention(
             q + self.r_w_bias[:, None],
             keys.transpose(1, 2),
@@ -98,7 +120,7 @@ class RelativeAttention(nn.Module):
             scale=self.scale,
         )
         attn = attn * has_key[:, None, :, None].to(attn.dtype)
-        out = attn.transpose(1, 2).flatten(2) @ self.o.flatten(1).T
+        out = self.output(attn.transpose(1, 2).flatten(2))
         return self.layer_norm(self.dropout(out) + x)
 
 
@@ -143,7 +165,12 @@ class ASARM(nn.Module):
         self.lm_loss = nn.Linear(config.d_model, config.vocab_size)
         self.lm_loss.weight = self.transformer.word_embedding.weight  # tied, as in XLNet
         self.dropout = nn.Dropout(config.dropout)
+        # In eval mode on CPU, store fp32 weight matrices [in, out], the orientation fp32 multiplies
+        # fastest by (see ``_relayout``); False keeps the plain layout (for comparisons).
+        self.fast_layout = True
         self.reset_parameters()
+        if config.quantization is not None:
+            quant.quantize_model(self, config.quantization, empty=True)
 
     # --- construction -------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,24 +191,72 @@ class ASARM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of activations (an int8 model's weights are int8, its activations this)."""
         return self.lm_loss.bias.dtype
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights of the network (int8 values of a quantized model included; scales not)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total + sum(b.numel() for n, b in self.named_buffers() if n.endswith(".int8"))
+
+    # --- weight layout for inference ---------------------------------------------------------------
+    def _matrices(self):
+        """(parameter, its first dim is the input dim) for every float weight matrix of a pass."""
+        for layer in self.transformer.layer:
+            attn = layer.rel_attn
+            for name in ("q", "k", "v", "o"):
+                p = getattr(attn, name)
+                if isinstance(p, nn.Parameter):
+                    yield p, name != "o"
+            for linear in (layer.ff.layer_1, layer.ff.layer_2):
+                if isinstance(linear, nn.Linear):
+                    yield linear.weight, False
+        if isinstance(self.transformer.word_embedding, nn.Embedding):
+            yield self.transformer.word_embedding.weight, False  # = the LM head's weight
+
+    @torch.no_grad()
+    def _relayout(self) -> None:
+        """Same parameters, same values, different strides. On CPU, fp32 multiplies the 5-15-row
+        activations of cached passes about twice as fast by a weight stored [in, out] as by one
+        stored [out, in] (nn.Linear's layout): scripts/profile_cached_pass.py --compare-layout.
+        bf16 showed no consistent difference, so it keeps the plain layout, as do training, GPUs
+        and ``fast_layout = False``."""
+        fast = self.fast_layout and not self.training and self.device.type == "cpu" and self.dtype == torch.float32
+        for p, dim0_is_in in self._matrices():
+            transposed = fast and not dim0_is_in  # store [in, out]
+            flat = p.data.flatten(1)
+            is_transposed = flat.stride(0) == 1 and flat.shape[1] > 1
+            if transposed == is_transposed and (transposed or p.data.is_contiguous()):
+                continue
+            new = flat.T.contiguous().T if transposed else flat.contiguous()
+            p.data = new.view(p.shape)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._relayout()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if hasattr(self, "fast_layout"):
+            self._relayout()
+        return self
 
     # --- relative positions ---------------------------------------------------------------------
     def relative_table(self, span: int) -> list[torch.Tensor]:
-        """Per layer, the projected embedding of every relative distance in [-(span-1), span-1].
+        """Per layer, the projected embedding of every relative distance in [-(span-1), span-1],
+        stored [n_head, d_head, 2 * span - 1].
 
-        Row ``d + span - 1`` holds distance d = query position - key position. Depends only on
-        the weights, so a sampler computes it once per run and passes it to every pass.
+        Column ``d + span - 1`` holds distance d = query position - key position. Depends only
+        on the weights, so a sampler computes it once per run and passes it to every pass.
         """
         distances = torch.arange(span - 1, -span, -1, device=self.device).flip(0)
         if self.config.clamp_len > 0:
             distances = distances.clamp(-self.config.clamp_len, self.config.clamp_len)
         emb = self.dropout(sinusoid(distances, self.config.d_model).to(self.dtype))
-        n, dh = self.config.n_head, self.config.d_head
-        return [(emb @ layer.rel_attn.r.flatten(1)).unflatten(-1, (n, dh)) for layer in self.transformer.layer]
+        shape = (self.config.n_head, self.config.d_head)
+        return [project(emb, layer.rel_attn.r, shape).permute(1, 2, 0).contiguous()
+                for layer in self.transformer.layer]
 
     # --- the pass -------------------------------------------------------------------------------
     def forward_rows(
@@ -200,7 +275,8 @@ class ASARM(nn.Module):
         rank 0 and see nothing). Without ``cache`` the keys are exactly this pass's content rows.
         With a ``ContentCache`` the new rows' keys and values are written after the row's
         committed slots and every row attends to committed + new keys; ``cache.commit`` then keeps
-        a prefix of the new rows.
+        a prefix of the new rows. ``rel_table``: ``relative_table(span)`` for a span covering
+        every position (computed here when missing or too short).
         """
         if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
             content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
@@ -215,14 +291,14 @@ class ASARM(nn.Module):
         else:
             key_pos, key_rank = cache.write_slots(content_pos, content_rank)
         span = int(max(row_pos.max().item(), key_pos.max().item())) + 1 if row_pos.numel() else 1
-        if rel_table is None or rel_table[0].shape[0] < 2 * span - 1:
+        if rel_table is None or rel_table[0].shape[-1] < 2 * span - 1:
             rel_table = self.relative_table(span)
-        table_span = (rel_table[0].shape[0] + 1) // 2
+        table_span = (rel_table[0].shape[-1] + 1) // 2
         rel_index = row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1)
         allowed = key_rank[:, None, :] < row_limit[:, :, None]
         bias_parts = (rel_index, allowed, allowed.any(-1))
 
-        h = self.dropout(self.transformer.word_embedding(content_ids))
+        h = self.dropout(self.transformer.word_embedding(content_ids).to(self.dtype))
         g = self.dropout(self.transformer.mask_emb.expand(B, query_pos.shape[1], -1))
         x = torch.cat([h, g], dim=1)
         for i, layer in enumerate(self.transformer.layer):
@@ -239,14 +315,15 @@ class ASARM(nn.Module):
     def chain_logits(self, input_ids: torch.Tensor, ranks: torch.Tensor, rel_table=None):
         """Every factor of the chain in one pass, with no cache (training, scoring, references).
 
-        input_ids, ranks: [B, L]; ranks 0 = visible, 1..m = hidden in decoding order, -1 =
-        padding. Returns (logits [B, Q, V], query_pos [B, Q], query_valid [B, Q]) where the
-        query rows are each row's hidden positions, ascending in position.
+        input_ids, ranks: [B, L]; ranks 0 = visible, 1..m = hidden in decoding order,
+        ``ranks.PADDING_RANK`` (-1) = padding. Returns (logits [B, Q, V], query_pos [B, Q],
+        query_valid [B, Q]) where the query rows are each row's hidden positions, ascending in
+        position.
         """
         B, L = input_ids.shape
         ranks = ranks.long()
         positions = torch.arange(L, device=input_ids.device).expand(B, L)
-        content_rank = torch.where(ranks < 0, torch.full_like(ranks, NO_KEY), ranks)
+        content_rank = key_ranks(ranks)
         hidden = ranks > 0
         Q = int(hidden.sum(1).max().item()) if B else 0
         # Stable sort puts each row's hidden positions first, in ascending position.
@@ -258,17 +335,98 @@ class ASARM(nn.Module):
                                    rel_table=rel_table)
         return logits, query_pos, query_valid
 
-    # --- checkpoints (thin wrappers over ``asarm.checkpoint``) ------------------------------------
+    # --- checkpoints ------------------------------------------------------------------------------
     def save_pretrained(self, directory, tokenizer=None, dtype=None):
-        """Write an HF XLNet-format checkpoint; see ``asarm.checkpoint.save_model``."""
-        from .checkpoint import save_model
+        """Write an HF XLNet-format checkpoint (``tokenizer`` defaults to ``self.tokenizer``).
 
-        return save_model(self, directory, tokenizer=tokenizer, dtype=dtype)
+        ``dtype`` converts the stored float weights (default: the model's dtype); an int8 model
+        stores its int8 values and float32 scales whatever ``dtype`` says.
+        """
+        from .devices import resolve_dtype
+
+        dtype = resolve_dtype(dtype)
+        if tokenizer is None:
+            tokenizer = getattr(self, "tokenizer", None)
+        tensors = {}
+        for k, v in self.state_dict().items():
+            if k == storage.TIED_KEY:
+                continue  # tied to the word embedding: stored once, as transformers does
+            if dtype is not None and v.is_floating_point() and not k.endswith(".scale"):
+                v = v.to(dtype)
+            tensors[k] = v
+        return storage.write_checkpoint(directory, self.config.to_dict(), tensors, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, mask_token_id=None):
-        """Load a directory, shipped short name or hub id; see ``asarm.checkpoint.load_model``."""
-        from .checkpoint import load_model
+    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, mask_token_id=None,
+                        quantize=None):
+        """An ``ASARM`` in eval mode from a directory, shipped short name or hub id.
 
-        return load_model(name_or_path, revision=revision, device=device, dtype=dtype,
-                          mask_token_id=mask_token_id)
+        ``mask_token_id`` defaults to the tokenizer's mask token when the checkpoint has tokenizer
+        files, else config.json's ``asarm_mask_token_id``, else 6 (XLNet's ``<mask>``). ``dtype``:
+        the activations' dtype, a torch dtype or "fp32"/"bf16"/"fp16"; None means fp32 (16-bit
+        checkpoints are upcast), or bf16 for an int8 model. ``quantize="int8"`` quantizes a float
+        checkpoint's weights (see ``asarm.quantize``); an int8 checkpoint loads as int8 by
+        itself. ``device``: None means CUDA when available, else CPU. The tokenizer (or None)
+        is attached as ``model.tokenizer``, the source directory as ``model.name_or_path``.
+        """
+        from .devices import resolve_device, resolve_dtype
+        from .tokenization import load_tokenizer, mask_token_id as tokenizer_mask_id
+
+        dtype, quantize = resolve_dtype(dtype), quant.check_method(quantize)
+        device = resolve_device(device)
+        directory = storage.resolve(name_or_path, revision)
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory}: no config.json found (not an HF XLNet-format checkpoint directory)")
+        config = ASARMConfig.load(directory)
+        if quantize is not None and config.quantization is not None:
+            raise InputError(f"{directory} is already quantized ({config.quantization}); "
+                             "load it without quantize= or quantize its float original")
+        tokenizer = load_tokenizer(directory)
+        config = _with_mask_token(config, tokenizer_mask_id(tokenizer) if mask_token_id is None else mask_token_id)
+        check_weight_file(config, directory)  # before any allocation
+        state = storage.normalize_keys(storage.load_state_dict(directory))
+        model = cls(config)
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+        del state
+        if quantize is not None:
+            quant.quantize_model(model, quantize)
+        if dtype is None:
+            int8 = model.config.quantization is not None  # quantize_model replaced the config
+            dtype = torch.bfloat16 if int8 and device.type == "cpu" else torch.float32
+        model.to(device=device, dtype=dtype)
+        model.eval()
+        model.tokenizer = tokenizer
+        model.name_or_path = str(directory)
+        return model
+
+
+def _with_mask_token(config: ASARMConfig, mask_token_id) -> ASARMConfig:
+    if mask_token_id is None:
+        return config
+    if not isinstance(mask_token_id, int) or isinstance(mask_token_id, bool):
+        raise InputError(f"mask_token_id must be an integer, got {mask_token_id!r}")
+    if not 0 <= mask_token_id < config.vocab_size:
+        raise InputError(f"mask_token_id {mask_token_id} is outside the vocabulary of {config.vocab_size}")
+    return dataclasses.replace(config, mask_token_id=mask_token_id)
+
+
+def expected_shapes(config: ASARMConfig) -> dict[str, tuple[int, ...]]:
+    """{state-dict name: shape} of a model with ``config``, built on the meta device (allocates
+    no weight memory; the config's sizes are already bounded by ``ASARMConfig``)."""
+    with torch.device("meta"):
+        model = ASARM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weight_file(config: ASARMConfig, directory) -> None:
+    """config.json against the weight file's header: names, shapes and float/int8 types agree,
+    or a CheckpointError — checked before the model or any tensor is allocated."""
+    found = storage.normalize_keys(storage.header_shapes(directory))
+    quant.check_loadable(config, found)
+    # Cheap first check, so a config with a huge layer count fails before even the meta model.
+    layers = {k.split(".")[2] for k in found if k.startswith("transformer.layer.")}
+    if config.n_layer > len(layers):
+        raise CheckpointError(f"{directory}: weights do not match config.json: config.json says "
+                              f"n_layer={config.n_layer}, the weight file has {len(layers)} layer(s)")
+    storage.check_shapes(expected_shapes(config), found, str(directory))

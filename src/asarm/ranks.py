@@ -1,7 +1,7 @@
 """Rank structures: which tokens are visible and in which order the hidden ones are decoded.
 
 Sampling, scoring and training all describe a sequence the same way (DESIGN §1): rank 0 for
-visible tokens, ranks 1..m for hidden positions in decoding order, -1 for padding. This module
+visible tokens, ranks 1..m for hidden positions in decoding order, PADDING_RANK (-1) for padding. This module
 is the one place that turns a hidden mask plus an order into ranks.
 """
 
@@ -14,6 +14,19 @@ import torch
 from .errors import InputError
 
 ORDERS = ("left-to-right", "random")
+
+# The one "no key / padding" sentinel. Callers mark padding positions in rank tensors with
+# PADDING_RANK (-1, the documented public value); inside the network and its cache a padding
+# position or an unused cache slot is a key of rank NO_KEY, larger than any row's visibility
+# limit, so no row ever sees it. ``key_ranks`` is the one conversion between the two.
+PADDING_RANK = -1
+NO_KEY = 2**40
+
+
+def key_ranks(ranks: torch.Tensor) -> torch.Tensor:
+    """Public ranks (PADDING_RANK for padding) as key ranks (NO_KEY for padding)."""
+    ranks = ranks.long()
+    return torch.where(ranks < 0, torch.full_like(ranks, NO_KEY), ranks)  # any negative rank pads
 
 
 def decoding_order(masked: torch.Tensor, order, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -42,11 +55,12 @@ def decoding_order(masked: torch.Tensor, order, generator: torch.Generator | Non
 
 
 def ranks_from_order(length: int, hidden_order: torch.Tensor, valid_length: int | None = None) -> torch.Tensor:
-    """[L] ranks: 0 for visible, i for the i-th hidden position of ``hidden_order``, -1 for padding."""
+    """[L] ranks: 0 for visible, i for the i-th hidden position of ``hidden_order``, PADDING_RANK (-1)
+    for padding."""
     ranks = torch.zeros(length, dtype=torch.long)
     ranks[hidden_order] = torch.arange(1, len(hidden_order) + 1)
     if valid_length is not None:
-        ranks[valid_length:] = -1
+        ranks[valid_length:] = PADDING_RANK
     return ranks
 
 
