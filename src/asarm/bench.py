@@ -190,17 +190,27 @@ def run_bench(model, lengths, settings, configs, window=6, stages=(0.0, 0.2, 0.4
 
 
 def markdown_table(records) -> str:
-    lines = ["| L | setting | configuration | tokens/s | s/pass | host share of pass | passes/token | tokens/round | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| L | setting | configuration | tokens/s | s/pass | host share of pass | weights read/pass | "
+             "pass / floor | passes/token | tokens/round | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         speed = f"{r['speedup_vs_baseline']:.1f}x" if r.get("speedup_vs_baseline") else "-"
         lines.append(f"| {r['length']} | {r['setting']} | {r['config']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['seconds_per_pass']:.4f} | {_percent(r.get('host_fraction'))} | {r['passes_per_token']:.3f} | {r['tokens_per_round']:.2f} | {speed} |")
+                     f"{r['seconds_per_pass']:.4f} | {_percent(r.get('host_fraction'))} | {_mib(r.get('weight_bytes_per_pass'))} | "
+                     f"{_times(r.get('floor_multiple'))} | {r['passes_per_token']:.3f} | {r['tokens_per_round']:.2f} | {speed} |")
     return "\n".join(lines)
 
 
 def _percent(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f} MiB"
+
+
+def _times(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def plot(records, path: Path) -> None:
@@ -238,34 +248,48 @@ def read_text_file(path: str) -> str:
         raise InputError(f"cannot read {path}: {exc}") from None
 
 
-def load_bench_model(name: str | None, device, dtype, seed: int):
+def load_bench_model(name: str | None, device, dtype, seed: int, quantize: str | None = None):
     if name in (None, "random-base"):
         torch.manual_seed(seed)
         model = ASARM(ASARMConfig(**XLNET_BASE)).eval()
         model.name_or_path = "random XLNet-base-sized weights"
-        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or torch.float32)
+        if quantize is not None:
+            from .quantize import quantize_model
+
+            model = quantize_model(model, quantize)
+        default = torch.bfloat16 if quantize is not None else torch.float32  # int8 runs bf16 activations
+        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or default)
     from .checkpoint import load_model
 
-    return load_model(name, device=device, dtype=dtype)
+    return load_model(name, device=device, dtype=dtype, quantize=quantize)
 
 
 @torch.no_grad()
 def cmd_bench(args) -> int:
+    from .quantize import copy_bandwidth, floor_columns
+
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = args.settings.split(",")
     batches = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else []
     suite = speedup_configs(args.k) if args.suite == "speedups" else default_configs(args.k, batches)
     configs = [c for c in suite if not args.only or any(o in c.name for o in args.only.split(","))]
-    model = load_bench_model(args.model, args.device, args.dtype, args.seed)
-    corpus = None
-    if args.text_file:
-        from .tokenization import encode
+    quantizations = [None if q == "none" else q for q in args.quantize.split(",")]
+    bandwidth = copy_bandwidth()  # the floor's denominator, measured in this run
+    records = []
+    for quantize in quantizations:
+        model = load_bench_model(args.model, args.device, args.dtype, args.seed, quantize)
+        corpus = None
+        if args.text_file:
+            from .tokenization import encode
 
-        if model.tokenizer is None:
-            raise InputError("--text-file needs a model with a tokenizer")
-        corpus = torch.tensor(encode(model.tokenizer, read_text_file(args.text_file)))
-    records = run_bench(model, lengths, settings, configs, window=args.window, full=args.full, seed=args.seed,
-                        corpus=corpus)
+            if model.tokenizer is None:
+                raise InputError("--text-file needs a model with a tokenizer")
+            corpus = torch.tensor(encode(model.tokenizer, read_text_file(args.text_file)))
+        variant = [c if quantize is None else dataclasses.replace(c, name=f"{c.name} [{quantize}]") for c in configs]
+        for r in run_bench(model, lengths, settings, variant, window=args.window, full=args.full, seed=args.seed,
+                           corpus=corpus):
+            r.update(quantize=quantize or "none", **floor_columns(model, r["seconds_per_pass"], bandwidth))
+            records.append(r)
     full_pass = {L: time_full_pass(model, L) for L in lengths}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +298,8 @@ def cmd_bench(args) -> int:
                 threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                 window=args.window, full=args.full, timing="full runs" if args.full else
                 "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command="asarm " + " ".join(sys.argv[1:]),
-                inputs=args.text_file or "uniformly random tokens", full_pass_seconds=full_pass)
+                inputs=args.text_file or "uniformly random tokens", full_pass_seconds=full_pass,
+                copy_bandwidth_bytes_per_s=bandwidth)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, records=records), indent=2))
     table = markdown_table(records)
     (out / "bench.md").write_text(table + "\n")
@@ -302,6 +327,8 @@ def add_cli(sub) -> None:
     p.add_argument("--full", action="store_true", help="time whole runs instead of windows")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--quantize", default="none", help="comma-separated axis of weight quantizations: none, int8 "
+                   "(int8 runs bf16 activations unless --dtype says otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=cmd_bench)

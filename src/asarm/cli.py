@@ -29,6 +29,7 @@ LAZY_COMMANDS = {
     "train": ("train", "train or fine-tune an AS-ARM (the paper's joint objective)"),
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
+    "quantize": ("quantize_cli", "write a weight-only int8 copy of a model (loads with load_model)"),
 }
 
 

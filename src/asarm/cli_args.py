@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import QUANTIZATIONS
 from .errors import InputError
 
 # Default CPU threads for commands that run a model. One thread measured best for the shipped
@@ -36,6 +37,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "(hub ids only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
+                   help="weight-only quantization at load time (int8: per-output-channel scales)")
     add_threads_argument(p)
 
 
@@ -95,7 +98,8 @@ def load_cli_model(args):
     name = args.model or DEFAULT_MODEL
     if args.revision is not None:
         check_revision(name, args.revision)
-    return load_model(name, revision=args.revision, device=args.device, dtype=args.dtype)
+    return load_model(name, revision=args.revision, device=args.device, dtype=args.dtype,
+                      quantize=getattr(args, "quantize", None))
 
 
 def check_revision(name: str, revision: str) -> None:
