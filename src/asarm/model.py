@@ -9,7 +9,7 @@ A pass has two kinds of rows, processed by the same layers in one batch:
   and values at every layer; it sees every key of rank <= its own.
 - query rows (the query stream g): a position with a rank and no token. It sees every key of
   rank < its own; its final state gives the logits p(x_pos | keys it sees).
-Visible tokens have rank 0; hidden positions get ranks 1..m in decoding order (DESIGN §1).
+Visible tokens have rank 0; hidden positions get ranks 1..m in decoding order (docs/design.md, "Rank structure").
 A key is visible to a row iff ``key_rank < row_limit``, with limit = rank + 1 for content rows
 and limit = rank for query rows, so one comparison builds every mask.
 

@@ -1,6 +1,6 @@
 """Rank structures: which tokens are visible and in which order the hidden ones are decoded.
 
-Sampling, scoring and training all describe a sequence the same way (DESIGN §1): rank 0 for
+Sampling, scoring and training all describe a sequence the same way (docs/design.md, "Rank structure"): rank 0 for
 visible tokens, ranks 1..m for hidden positions in decoding order, PADDING_RANK (-1) for padding. This module
 is the one place that turns a hidden mask plus an order into ranks.
 """

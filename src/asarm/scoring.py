@@ -1,6 +1,6 @@
 """Parallel joint density estimation: log p(x_hidden | x_visible) in ONE pass per row.
 
-An AS-ARM evaluates a whole chain of conditionals at once (DESIGN §1): with ranks fixed by the
+An AS-ARM evaluates a whole chain of conditionals at once (docs/design.md, "Rank structure"): with ranks fixed by the
 order, the query stream at each hidden position gives p(x_sigma_i | visible, x_sigma_<i), and
 their sum is the exact log-likelihood of the chain that the samplers draw from.
 """

@@ -1,4 +1,4 @@
-"""Evaluation harnesses that reproduce the paper's tables (DESIGN §4).
+"""Evaluation harnesses that reproduce the paper's tables (docs/design.md, "Paper results").
 
     asarm eval wikitext              speed/quality: sequential vs ASSD self vs ASSD n-gram
     asarm eval rocstories            story infilling, ROUGE-1/2/L

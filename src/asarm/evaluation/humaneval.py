@@ -1,4 +1,4 @@
-"""``asarm eval humaneval-infilling``: code infilling pass@1 (DESIGN §4).
+"""``asarm eval humaneval-infilling``: code infilling pass@1 (docs/design.md, "Paper results").
 
 Protocol (openai/human-eval-infilling, with the paper's given hole length): each task has a
 prefix (``prompt``), a true middle (``canonical_solution``) and a ``suffix``. The sequence is

@@ -1,4 +1,4 @@
-"""``asarm eval rocstories``: story infilling, the paper's ROUGE table (DESIGN §4, from DiffuLLaMA).
+"""``asarm eval rocstories``: story infilling, the paper's ROUGE table (docs/design.md, "Paper results", from DiffuLLaMA).
 
 Protocol: the first 1,000 stories of the Story Cloze Test validation file (cloze_test_val__spring2016);
 a story is InputSentence1..4 plus its right ending (RandomFifthSentenceQuiz1 or 2, per

@@ -1,4 +1,4 @@
-"""``asarm eval wikitext``: the paper's speed/quality table (DESIGN §4).
+"""``asarm eval wikitext``: the paper's speed/quality table (docs/design.md, "Paper results").
 
 Protocol: the WikiText-2 test split is encoded line by line with the model's tokenizer and the
 token stream cut into consecutive chunks of ``--length`` tokens (the last partial chunk is
