@@ -201,3 +201,26 @@ def test_sample_accepts_a_config_and_keywords_alike():
     b = sample(model, ids, masked, k=2, bonus=True, seed=5)
     assert torch.equal(a.input_ids, b.input_ids)
     assert math.isclose(a.tokens_per_round, b.tokens_per_round)
+
+
+def test_rows_with_different_targets_share_an_engine_and_keep_their_results():
+    model = tiny_model(seed=2)
+    ids, masked = _rows(model, 3)
+    configs = [DecodeConfig(k=3), DecodeConfig(k=3, greedy=True), DecodeConfig(k=2, temperature=0.5, top_k=3)]
+    engine = Engine(model)
+    handles = [engine.add(ids[b], masked[b], c, seed=b) for b, c in enumerate(configs)]
+    engine.run()
+    for b, (h, c) in enumerate(zip(handles, configs)):
+        solo = Engine(model)
+        s = solo.add(ids[b], masked[b], c, seed=b)
+        solo.run()
+        assert torch.equal(h.result().input_ids, s.result().input_ids)
+
+
+def test_engine_builds_no_autograd_graph():
+    model = tiny_model(seed=2)
+    ids, masked = _rows(model, 2)
+    engine = Engine(model)
+    engine.add(ids[0], masked[0], seed=0)
+    engine.step()
+    assert all(not k.requires_grad and k.grad_fn is None for k in engine.cache.keys)

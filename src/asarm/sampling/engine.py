@@ -74,6 +74,7 @@ class Engine:
     def active(self) -> int:
         return len(self.handles)
 
+    @torch.no_grad()
     def add(self, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeConfig | None = None, *,
             seed: int | None = None, row_index: int = 0, order="left-to-right",
             on_round: Callable[[RoundEvent], None] | None = None, return_logprobs: bool = False) -> RowHandle:
@@ -101,6 +102,7 @@ class Engine:
         self.handles.append(handle)
         return handle
 
+    @torch.no_grad()
     def cancel(self, handle: RowHandle) -> None:
         """Drop an active row now; its cache slots are freed."""
         if handle in self.handles:
@@ -111,6 +113,7 @@ class Engine:
         while self.handles:
             self.step()
 
+    @torch.no_grad()  # sampling never needs gradients; a graph would chain every pass through the cache
     def step(self) -> list[RowHandle]:
         """One shared pass over every active row; returns the rows that finished in it."""
         if not self.handles:
@@ -163,7 +166,7 @@ class Engine:
         probs = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
         for t in dict.fromkeys(targets):
             idx = torch.tensor([b for b, u in enumerate(targets) if u == t], device=logits.device)
-            probs[idx] = t.probs(logits[idx])
+            probs[idx] = t.probs(logits[idx]).double()
         return probs
 
     def _decide(self, rows: list[Row], plans: list[Plan], logits: torch.Tensor) -> list[Outcome]:
