@@ -1,0 +1,185 @@
+"""Holes of unknown length: the length posterior against `transformers`' XLNet, the exactness
+of the joint (length, hole tokens), grids of several holes, edge cases, the command line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import hf_reference, tiny_model
+from exact import exact_joint, g_test
+
+from asarm.errors import InputError
+from asarm.lengths import choose_lengths, joint_posterior, length_posterior, normalize_prior
+from asarm.sampling import TargetDistribution, sample
+
+ALPHA = 1e-3
+N_SAMPLES = 3000
+LEFT, RIGHT = [1, 3, 0], [4, 2, 5]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+def reference_log_likelihood(model, segments, cell, factorization, temperature=1.0) -> float:
+    """log p(scored segments | visible segment, holes of the cell's lengths) from transformers:
+    hole positions hidden from every row (perm_mask), target_mapping on the scored tokens."""
+    hf = hf_reference(model)
+    visible = 0 if factorization == "right-given-left" else len(segments) - 1
+    ids, rank = [], []
+    for i, seg in enumerate(segments):
+        if i:
+            ids += [0] * cell[i - 1]
+            rank += [None] * cell[i - 1]  # absent
+        ids += seg
+        rank += [0] * len(seg) if i == visible else [1] * len(seg)
+    scored = [p for p, r in enumerate(rank) if r == 1]
+    for j, p in enumerate(scored):
+        rank[p] = j + 1
+    L = len(ids)
+    absent = torch.tensor([r is None for r in rank])
+    r = torch.tensor([-1 if x is None else x for x in rank])
+    # row i may not see key j if j is absent, or j is scored with rank >= i's rank (content rows
+    # see themselves through XLNet's own diagonal; query rows never see their own token)
+    perm = absent[None, :] | ((r[None, :] > 0) & (r[None, :] >= r[:, None]) & (r[:, None] >= 0))
+    perm = perm | ((r[None, :] > 0) & (r[:, None] == 0))  # visible rows see only visible keys
+    target = torch.zeros(len(scored), L)
+    target[torch.arange(len(scored)), torch.tensor(scored)] = 1.0
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids]), perm_mask=perm.float()[None], target_mapping=target[None]).logits[0]
+    logp = torch.log_softmax(TargetDistribution(model.config.mask_token_id, temperature).logits(logits).double(), -1)
+    return float(logp[torch.arange(len(scored)), torch.tensor([ids[p] for p in scored])].sum())
+
+
+def reference_posterior(model, segments, cells, factorization, prior, temperature=1.0) -> torch.Tensor:
+    ll = torch.tensor([reference_log_likelihood(model, segments, c, factorization, temperature) for c in cells],
+                      dtype=torch.float64)
+    return torch.softmax(ll + torch.as_tensor(prior, dtype=torch.float64).log(), 0)
+
+
+@pytest.mark.parametrize("factorization", ["right-given-left", "left-given-right"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_length_posterior_matches_transformers(model, factorization, temperature):
+    lengths = [1, 2, 3, 4, 6]
+    prior = [0.1, 0.3, 0.2, 0.25, 0.15]
+    ours = length_posterior(model, LEFT, RIGHT, lengths=lengths, prior=prior, temperature=temperature,
+                            factorization=factorization)
+    ref = reference_posterior(model, [LEFT, RIGHT], [(n,) for n in lengths], factorization, prior, temperature)
+    assert float((ours - ref).abs().max()) < 1e-5
+    assert abs(float(ours.sum()) - 1.0) < 1e-9
+    assert float((ours - torch.tensor(prior)).abs().max()) > 1e-3  # the context does move the posterior
+
+
+@pytest.mark.parametrize("factorization", ["right-given-left", "left-given-right"])
+def test_joint_posterior_of_two_holes_matches_transformers(model, factorization):
+    segments = [[1, 3], [4], [2, 0]]
+    cells, probs = joint_posterior(model, segments, [[1, 2, 3], [1, 2]], factorization=factorization)
+    ref = reference_posterior(model, segments, cells, factorization, [1.0] * len(cells))
+    assert float((probs - ref).abs().max()) < 1e-5
+
+
+def test_posterior_is_the_prior_without_context_on_one_side(model):
+    prior = [0.5, 0.2, 0.3]
+    for f in ("right-given-left", "left-given-right"):
+        for left, right in ((LEFT, []), ([], RIGHT)):
+            post = length_posterior(model, left, right, lengths=[1, 2, 3], prior=prior, factorization=f)
+            assert torch.allclose(post, torch.tensor(prior, dtype=torch.float64), atol=1e-6)
+    [choice] = choose_lengths(model, [LEFT, []], [[1, 2, 3]], greedy=True)
+    assert choice.method == "prior (no context)"
+
+
+def test_lengths_beyond_the_limit_are_excluded(model):
+    limited = tiny_model(seed=3, max_length=9)
+    post = length_posterior(limited, LEFT, RIGHT, lengths=[1, 2, 3, 4, 5])
+    assert post[3:].tolist() == [0.0, 0.0] and abs(float(post.sum()) - 1) < 1e-9
+    with pytest.raises(InputError, match="no candidate hole length fits"):
+        length_posterior(limited, LEFT, RIGHT, lengths=[4, 5])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lengths=[]), "no candidate lengths"),
+    (dict(lengths=[0, 1]), ">= 1"),
+    (dict(lengths=[1, 1]), "distinct"),
+    (dict(factorization="both"), "factorization must be one of"),
+    (dict(prior=[1.0]), "1 weights for 3 candidate"),
+    (dict(prior=[0, 0, 0]), "no weight"),
+    (dict(prior=[1, -1, 1]), ">= 0"),
+    (dict(temperature=0), "temperature"),
+])
+def test_length_posterior_errors(model, bad, message):
+    kwargs = dict(lengths=[1, 2, 3], **bad) if "lengths" not in bad else bad
+    with pytest.raises(InputError, match=message):
+        length_posterior(model, LEFT, RIGHT, **kwargs)
+
+
+def test_normalize_prior_forms():
+    assert normalize_prior({2: 1.0, 3: 3.0}, [1, 2, 3]).tolist() == [0.0, 0.25, 0.75]
+    assert normalize_prior(lambda n: n, [1, 3]).tolist() == [0.25, 0.75]
+
+
+def test_hole_by_hole_beyond_the_grid_limit(model):
+    segments = [[1, 3], [4], [2, 0]]
+    exact = choose_lengths(model, segments, [[1, 2, 3], [1, 2]], greedy=True)
+    approx = choose_lengths(model, segments, [[1, 2, 3], [1, 2]], greedy=True, max_cells=4)
+    assert {c.method for c in exact} == {"exact-joint"}
+    assert {c.method for c in approx} == {"hole-by-hole (approximate)"}
+    assert all(abs(sum(c.posterior) - 1) < 1e-9 for c in exact + approx)
+    given = choose_lengths(model, segments, [[2], [3]])
+    assert [(c.length, c.method) for c in given] == [(2, "given"), (3, "given")]
+
+
+# --- the joint (length, hole tokens) is exact ---------------------------------------------------
+JOINT_LEFT, JOINT_RIGHT, JOINT_LENGTHS, JOINT_PRIOR = [1, 3], [4, 2], [1, 2, 3], [0.2, 0.3, 0.5]
+
+
+def draw_pairs(model, seed, lengths_from=None):
+    """N (length, tokens...) draws: the length as infill chooses it (``choose_lengths`` with a
+    seeded generator), then the hole tokens by ``sample`` given the length, batched per length.
+    ``lengths_from``: a negative control that draws the lengths from these weights instead."""
+    gen = torch.Generator().manual_seed(seed)
+    if lengths_from is None:
+        chosen = [choose_lengths(model, [JOINT_LEFT, JOINT_RIGHT], [JOINT_LENGTHS], prior=[JOINT_PRIOR], factorization="left-given-right",
+                                 generator=gen)[0].length for _ in range(N_SAMPLES)]
+    else:
+        chosen = [JOINT_LENGTHS[i] for i in torch.multinomial(torch.tensor(lengths_from), N_SAMPLES, True, generator=gen)]
+    out = []
+    for n in JOINT_LENGTHS:
+        rows = chosen.count(n)
+        if not rows:
+            continue
+        ids = torch.tensor(JOINT_LEFT + [0] * n + JOINT_RIGHT)
+        masked = torch.tensor([False] * len(JOINT_LEFT) + [True] * n + [False] * len(JOINT_RIGHT))
+        res = sample(model, ids.repeat(rows, 1), masked.repeat(rows, 1), method="assd", k=2, seed=seed + n)
+        out += [(n, *row[masked].tolist()) for row in res.input_ids]
+    return out
+
+
+def reference_joint(model) -> dict:
+    post = reference_posterior(model, [JOINT_LEFT, JOINT_RIGHT], [(n,) for n in JOINT_LENGTHS],
+                               "left-given-right", JOINT_PRIOR)
+    joint = {}
+    for n, pn in zip(JOINT_LENGTHS, post.tolist()):
+        ids = torch.tensor(JOINT_LEFT + [0] * n + JOINT_RIGHT)
+        masked = torch.tensor([False] * len(JOINT_LEFT) + [True] * n + [False] * len(JOINT_RIGHT))
+        hidden = torch.nonzero(masked).flatten().tolist()
+        for tokens, p in exact_joint(model, ids, masked, hidden).items():
+            joint[(n, *tokens)] = pn * p
+    return joint
+
+
+def test_length_and_tokens_match_the_exact_joint(model):
+    ref = reference_joint(model)
+    assert abs(sum(ref.values()) - 1) < 1e-9
+    _, p = g_test(draw_pairs(model, seed=5), ref)
+    assert p > ALPHA, f"G-test p={p:.2e}"
+
+
+def test_negative_control_lengths_from_the_prior_alone_fail(model):
+    ref = reference_joint(model)
+    marginal = [sum(v for k, v in ref.items() if k[0] == n) for n in JOINT_LENGTHS]
+    assert max(abs(a - b) for a, b in zip(marginal, JOINT_PRIOR)) > 0.05  # the evidence matters here
+    _, p = g_test(draw_pairs(model, seed=5, lengths_from=JOINT_PRIOR), ref)
+    assert p < ALPHA, f"the control passed: p={p:.2e}"
