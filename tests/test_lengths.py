@@ -183,3 +183,51 @@ def test_negative_control_lengths_from_the_prior_alone_fail(model):
     assert max(abs(a - b) for a, b in zip(marginal, JOINT_PRIOR)) > 0.05  # the evidence matters here
     _, p = g_test(draw_pairs(model, seed=5, lengths_from=JOINT_PRIOR), ref)
     assert p < ALPHA, f"the control passed: p={p:.2e}"
+
+
+# --- the command line, end to end with the shipped models ------------------------------------------
+def run_cli(capsys, *argv):
+    from asarm.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_infill_without_a_length(capsys):
+    code, out, err = run_cli(capsys, "infill", "The [MASK] sat on the mat.", "--seed", "0", "--stats")
+    assert code == 0, err
+    assert out.startswith("The") and out.endswith(" sat on the mat.\n") and len(out) > len("The sat on the mat.\n")
+    assert "hole 1: length" in err and "candidates 1-32, exact" in err
+    again = run_cli(capsys, "infill", "The [MASK] sat on the mat.", "--seed", "0")[1]
+    assert again == out  # same seed, same length and text
+
+
+def test_cli_code_infill_without_a_length(capsys):
+    code, out, err = run_cli(capsys, "infill", "--model", "asarm-py-small", "def add(a, b):\n    [MASK]\n",
+                             "--greedy", "--stats", "--max-hole", "16")
+    assert code == 0, err
+    assert out.startswith("def add(a, b):\n    ") and out.endswith("\n\n")
+    assert "candidates 1-16" in err
+
+
+def test_cli_stop_at_and_errors(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "infill", "--model", "asarm-py-small", "def add(a, b):\n    [MASK]",
+                             "--greedy", "--stop-at", "newline", "--max-hole", "12")
+    assert code == 0, err
+    assert out.startswith("def add(a, b):\n    ") and "\n" not in out[len("def add(a, b):\n    "):-1]
+    prior = tmp_path / "prior.json"
+    prior.write_text("[0, 0, 1]")
+    code, out, err = run_cli(capsys, "infill", "The [MASK] sat.", "--length-prior", str(prior), "--stats", "--seed", "1")
+    assert code == 0 and "hole 1: length 3 (posterior probability 1.000" in err
+    for argv, message in [
+        (["The [MASK] sat.", "--stop-at", "\\n"], "stop_at applies to a hole of unknown length at the end"),
+        (["The [MASK:10^30] sat."], "whole number of tokens"),
+        (["The [MASK:1-9999999999999] sat."], "far beyond"),
+        (["The [MASK] sat.", "--length-prior", str(tmp_path / "none.json")], "cannot read the length prior"),
+        (["The [MASK] sat.", "--max-hole", "0"], "max_hole must be an integer >= 1"),
+    ]:
+        code, out, err = run_cli(capsys, "infill", *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    code, _, err = run_cli(capsys, "score", "the [[mat")
+    assert code == 2 and "unclosed [[" in err

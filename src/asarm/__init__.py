@@ -3,6 +3,7 @@
     import asarm
     model = asarm.load_model("asarm-en-small")
     print(asarm.infill(model, "The cat sat on the [MASK:3] and purred."))
+    print(asarm.infill(model, "The [MASK] sat on the mat."))  # length unknown: chosen from its posterior
 
 Heavy dependencies (transformers, tokenizers) load only when a function that needs them runs.
 """
@@ -19,6 +20,7 @@ _LAZY = {
     "save_model": "checkpoint",
     "load_tokenizer": "tokenization",
     "infill": "text",
+    "length_posterior": "lengths",
     "score": "scoring",
     "ScoreResult": "scoring",
 }
