@@ -231,3 +231,22 @@ def test_cli_stop_at_and_errors(capsys, tmp_path):
         assert code == 2 and message in err and err.count("\n") == 1, err
     code, _, err = run_cli(capsys, "score", "the [[mat")
     assert code == 2 and "unclosed [[" in err
+
+
+def test_hole_length_summary_from_records():
+    from asarm.evaluation.hole_length import mode_names
+    from asarm.evaluation.hole_length_report import summarize
+
+    fits = [True, True, True]
+    rec = {"true_length": 2, "fits": fits, "loglik": {"right-given-left": [0.0, math.log(3), 0.0],
+                                                      "left-given-right": [0.0, 0.0, 0.0]},
+           "lengths": {m: 2 for m in mode_names()} | {"fixed": 3, "prior-mode": 1},
+           "fills": {"1": {"passed": False}, "2": {"passed": True}, "3": {"passed": False}}}
+    meta = {"task": "humaneval-infilling", "fixed_length": 3, "prior_mode": 1, "candidates": [1, 3]}
+    s = summarize([rec], meta, prior=[0.5, 0.25, 0.25])
+    rows = s["modes"]
+    assert rows["oracle"]["pass@1"]["mean"] == 1.0 and rows["fixed"]["pass@1"]["mean"] == 0.0
+    assert rows["fixed"]["mae"]["mean"] == 1.0 and rows["prior-mode"]["exact"]["mean"] == 0.0
+    assert abs(rows["posterior/right-given-left/uniform"]["p_true"]["mean"] - 0.6) < 1e-12  # 3 / (1 + 3 + 1)
+    assert abs(rows["posterior/left-given-right/learned"]["p_true"]["mean"] - 0.25) < 1e-12
+    assert abs(rows["prior-mode"]["p_true"]["mean"] - 0.25) < 1e-12
