@@ -113,7 +113,7 @@ def posterior(loglik: list[float], prior: list[float] | None, fits: list[bool]) 
     return torch.softmax(ll, 0)
 
 
-def run_example(task, model, index, pieces, lengths_wanted, max_len, seed) -> dict:
+def run_example(task, model, index, pieces, lengths_wanted, max_len, seed, prior) -> dict:
     """Evidence for every candidate, greedy fills for each distinct chosen length, their metrics."""
     from ..sampling import sample
 
@@ -126,7 +126,7 @@ def run_example(task, model, index, pieces, lengths_wanted, max_len, seed) -> di
     cands = [(n,) for n in range(1, max_len + 1)]
     loglik = {f: evidence_log_likelihoods(model, [p, s], cands, factorization=f).tolist() for f in FACTORIZATIONS}
     fits = [limit is None or len(p) + len(s) + n <= limit for n in range(1, max_len + 1)]
-    lengths_wanted = {**lengths_wanted, **choose(loglik, task._prior, max_len, fits)}
+    lengths_wanted = {**lengths_wanted, **choose(loglik, prior, max_len, fits)}
     distinct = sorted(set(lengths_wanted.values()))
     examples = [Example(index, info["id"], p + m_ + s, [False] * len(p) + [True] * len(m_) + [False] * len(s), info)
                 for m_ in ([0] * n for n in distinct)]
@@ -155,9 +155,9 @@ def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=N
         counts, source = learned_prior_counts(task, max_len)
         prior_info = {"counts": counts, "source": source, "smoothing": "add-one", "max_length": max_len}
         prior_path.write_text(json.dumps(prior_info) + "\n")
-    task._prior = smoothed(prior_info["counts"])
+    prior = smoothed(prior_info["counts"])
     fixed = round(sum(len(x[1]) for x in pieces) / len(pieces))
-    prior_mode = max(range(max_len), key=lambda i: task._prior[i]) + 1
+    prior_mode = max(range(max_len), key=lambda i: prior[i]) + 1
     meta = {"task": task.name, "settings": task.settings(), "model": model_name, "seed": seed, "examples": len(pieces),
             "fixed_length": fixed, "prior_mode": prior_mode, "decoding": "greedy (ASSD self-draft k=5)",
             "candidates": [1, max_len], "modes": mode_names()}
@@ -171,7 +171,7 @@ def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=N
                 continue
             start = time.perf_counter()
             rec = run_example(task, model, i, pc, {"oracle": len(pc[1]), "fixed": fixed, "prior-mode": prior_mode},
-                              max_len, seed)
+                              max_len, seed, prior)
             rec["elapsed_s"] = time.perf_counter() - start
             writer.write([rec])
             if progress:
