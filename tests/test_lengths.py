@@ -11,7 +11,7 @@ from conftest import hf_reference, tiny_model
 from exact import exact_joint, g_test
 
 from asarm.errors import InputError
-from asarm.lengths import choose_lengths, joint_posterior, length_posterior, normalize_prior
+from asarm.lengths import _pick, choose_lengths, joint_posterior, length_posterior, normalize_prior
 from asarm.sampling import TargetDistribution, sample
 
 ALPHA = 1e-3
@@ -136,13 +136,15 @@ JOINT_LEFT, JOINT_RIGHT, JOINT_LENGTHS, JOINT_PRIOR = [1, 3], [4, 2], [1, 2, 3],
 
 
 def draw_pairs(model, seed, lengths_from=None):
-    """N (length, tokens...) draws: the length as infill chooses it (``choose_lengths`` with a
-    seeded generator), then the hole tokens by ``sample`` given the length, batched per length.
-    ``lengths_from``: a negative control that draws the lengths from these weights instead."""
+    """N (length, tokens...) draws: the length as infill chooses it (the joint posterior and
+    ``_pick`` with a seeded generator: ``choose_lengths`` is exactly that, tested below), then the
+    hole tokens by ``sample`` given the length, batched per length. ``lengths_from``: a negative
+    control that draws the lengths from these weights instead."""
     gen = torch.Generator().manual_seed(seed)
     if lengths_from is None:
-        chosen = [choose_lengths(model, [JOINT_LEFT, JOINT_RIGHT], [JOINT_LENGTHS], prior=[JOINT_PRIOR], factorization="left-given-right",
-                                 generator=gen)[0].length for _ in range(N_SAMPLES)]
+        cells, probs = joint_posterior(model, [JOINT_LEFT, JOINT_RIGHT], [JOINT_LENGTHS], prior=[JOINT_PRIOR],
+                                       factorization="left-given-right")
+        chosen = [cells[_pick(probs, False, gen)][0] for _ in range(N_SAMPLES)]
     else:
         chosen = [JOINT_LENGTHS[i] for i in torch.multinomial(torch.tensor(lengths_from), N_SAMPLES, True, generator=gen)]
     out = []
@@ -168,6 +170,19 @@ def reference_joint(model) -> dict:
         for tokens, p in exact_joint(model, ids, masked, hidden).items():
             joint[(n, *tokens)] = pn * p
     return joint
+
+
+def test_choose_lengths_draws_from_the_joint_posterior(model):
+    cells, probs = joint_posterior(model, [JOINT_LEFT, JOINT_RIGHT], [JOINT_LENGTHS], prior=[JOINT_PRIOR],
+                                   factorization="left-given-right")
+    for seed in range(20):
+        [c] = choose_lengths(model, [JOINT_LEFT, JOINT_RIGHT], [JOINT_LENGTHS], prior=[JOINT_PRIOR],
+                             factorization="left-given-right", generator=torch.Generator().manual_seed(seed))
+        assert c.length == cells[_pick(probs, False, torch.Generator().manual_seed(seed))][0]
+        assert c.posterior == probs.tolist() and c.method == "exact"
+    [g] = choose_lengths(model, [JOINT_LEFT, JOINT_RIGHT], [JOINT_LENGTHS], prior=[JOINT_PRIOR], greedy=True,
+                         factorization="left-given-right")
+    assert g.length == JOINT_LENGTHS[int(probs.argmax())] and abs(g.probability - float(probs.max())) < 1e-12
 
 
 def test_length_and_tokens_match_the_exact_joint(model):
