@@ -85,7 +85,8 @@ def print_stats(result, elapsed: float) -> None:
 def print_lengths(result) -> None:
     for i, c in enumerate(getattr(result, "lengths", None) or []):
         if c.method != "given":
-            print(f"hole {i + 1}: length {c.length} (posterior probability {c.probability:.3f}, "
+            kind = "joint posterior probability of all the lengths" if c.method == "exact-joint" else "posterior probability"
+            print(f"hole {i + 1}: length {c.length} ({kind} {c.probability:.3f}, "
                   f"candidates {c.candidates[0]}-{c.candidates[-1]}, {c.method})", file=sys.stderr)
 
 
