@@ -82,8 +82,8 @@ def _hole(m: re.Match, where: str) -> int | Hole:
     if re.fullmatch(r"\s*-\s*\d+\s*", spec):
         raise InputError(f"hole {markup} {where}: the length must be at least 1")
     raise InputError(
-        f"bad hole markup {markup} {where}: write [MASK] (unknown length), [MASK:n] (n tokens) or "
-        "[MASK:a-b] (between a and b tokens)"
+        f"bad hole markup {markup} {where}: the length must be a whole number of tokens or a range: "
+        "[MASK] (unknown length), [MASK:n] (n tokens) or [MASK:a-b] (between a and b tokens)"
     )
 
 
