@@ -11,7 +11,8 @@ from conftest import tiny_model
 import asarm
 import asarm.sampling
 from asarm.errors import InputError
-from asarm.text import fill_text, infill, parse_infill, parse_markup
+from asarm.scoring import parse_scored_text
+from asarm.text import Hole, fill_text, infill, parse_infill, parse_markup, split_markup
 from asarm.tokenization import decode, encode, train_tokenizer
 
 CORPUS = (
@@ -37,7 +38,12 @@ def model300():
     ("end[MASK:20]", ["end", 20]),
     ("[MASK:30]", [30]),
     ("a[MASK:1][MASK:2]b", ["a", 1, 2, "b"]),
-    ("x [MASK: 4 ] y", ["x ", 4, " y"]),
+    ("x [MASK: 4 ] y", ["x ", 4, " y"]),  # spaces around the number are allowed: [MASK: 3] is 3
+    ("a [MASK] b", ["a ", Hole(), " b"]),
+    ("[MASK:2-5]x", [Hole(2, 5), "x"]),
+    ("[MASK: 2 - 5 ]", [Hole(2, 5)]),
+    ("[MASK:3-3]", [3]),
+    ("[MASK:007]", [7]),
     (r"literal \[MASK:3] here", ["literal [MASK:3] here"]),
     (r"back\\slash[MASK:1]", ["back\\slash", 1]),
     (r"other \n backslash", [r"other \n backslash"]),
@@ -50,7 +56,11 @@ def test_parse_markup(text, parts):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("a [MASK] b", r"has no length: give the number of tokens.*\[MASK:5\]"),
+    ("a [MASK:5-2] b", "from the shorter length to the longer"),
+    ("a [MASK:0-3] b", "at least 1"),
+    ("a [MASK:10^30] b", "whole number of tokens"),
+    ("a [MASK:1000000000000000000000000000000] b", "far beyond any model's length limit"),
+    ("a [MASK:1-99999999] b", "far beyond any model's length limit"),
     ("a [MASK:0] b", "at least 1"),
     ("a [MASK:-2] b", "at least 1"),
     ("a [MASK:abc] b", "whole number of tokens"),
@@ -66,7 +76,7 @@ def test_bad_markup(text, message):
 
 def test_markup_error_says_where():
     with pytest.raises(InputError, match="at character 4"):
-        parse_markup("abc [MASK]")
+        parse_markup("abc [MASK:x]")
 
 
 # --- parse_infill -----------------------------------------------------------------------------
@@ -127,7 +137,9 @@ def test_infill_with_fake_sampler(tok, model300, monkeypatch):
     monkeypatch.setattr(asarm.sampling, "sample", fake_sampler(x_id, calls))
     text = "  The cat\tsat [MASK:3] on\n\nthe mat.  "
     out = infill(model300, text, tokenizer=tok, method="sequential", seed=3, k=4)
-    assert out == "  The cat\tsat xxx on\n\nthe mat.  "
+    # the space before the hole moved into the hole (the tokenizer attaches it to the next word):
+    # a real model writes it with its first token, this fake one fills "x"s
+    assert out == "  The cat\tsatxxx on\n\nthe mat.  "
     ids, masked, options = calls[0]
     assert options == {"method": "sequential", "seed": 3, "k": 4}
     assert ids[masked].tolist() == [model300.config.mask_token_id] * 3
@@ -149,8 +161,10 @@ def test_infill_errors(tok, model300, monkeypatch):
         infill(model300, "a [MASK:2]")
     with pytest.raises(InputError, match="no holes"):
         infill(model300, "nothing to do", tokenizer=tok)
-    with pytest.raises(InputError, match="no length"):
-        infill(model300, "a [MASK] b", tokenizer=tok)
+    with pytest.raises(InputError, match="max_hole must be an integer >= 1"):
+        infill(model300, "a [MASK] b", tokenizer=tok, max_hole=0)
+    with pytest.raises(InputError, match="unknown length.*use infill"):
+        parse_infill(tok, "a [MASK] b")
     small = tiny_model()  # vocab 8: the tokenizer's ids do not fit
     with pytest.raises(InputError, match="outside the model's vocabulary"):
         infill(small, "The cat [MASK:2]", tokenizer=tok)
@@ -184,3 +198,41 @@ def test_infill_real_sampler_unconditional(tok, model300):
     out, result = infill(model300, "[MASK:6]", tokenizer=tok, return_result=True, seed=1)
     assert result.input_ids.numel() == 6
     assert out == decode(tok, result.input_ids.view(-1).tolist())
+
+
+# --- word boundaries with the shipped tokenizers -------------------------------------------------
+@pytest.fixture(scope="module", params=["asarm-en-small", "asarm-py-small"])
+def shipped_tok(request):
+    return asarm.load_model(request.param).tokenizer
+
+
+@pytest.mark.parametrize("full, marked, middle", [
+    ("The cat sat on the mat.", "The [MASK:1] sat on the mat.", " cat"),
+    ("The cat sat on the mat.", "The[MASK:1] sat on the mat.", " cat"),
+    ("def add(a, b):\n    return a + b\n", "def add(a, b):\n    [MASK:1] a + b\n", " return"),
+])
+def test_hole_markup_splits_where_the_tokenizer_does(shipped_tok, full, marked, middle):
+    segments, holes = split_markup(shipped_tok, marked)
+    assert holes == [1]
+    # the tokenizer's own encoding of the filled text: context segments + the middle's token
+    assert encode(shipped_tok, full) == segments[0] + encode(shipped_tok, middle) + segments[1]
+
+
+def test_span_markup_puts_the_leading_space_in_the_span(shipped_tok):
+    a_ids, a_hidden = parse_scored_text(shipped_tok, "the cat sat on the [[mat]].")
+    b_ids, b_hidden = parse_scored_text(shipped_tok, "the cat sat on the[[ mat]].")
+    assert torch.equal(a_ids, b_ids) and torch.equal(a_hidden, b_hidden)
+    assert a_ids[a_hidden].tolist() == encode(shipped_tok, " mat")
+    assert a_ids.tolist() == encode(shipped_tok, "the cat sat on the mat.")
+    c_ids, c_hidden = parse_scored_text(shipped_tok, "x [[ mat]]")  # a space already inside stays one space
+    assert decode(shipped_tok, c_ids.tolist()) == "x  mat"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("the [[mat", "unclosed \\[\\[ at character 4"),
+    ("a [[b [[c]] d", "unclosed or nested"),
+    ("the [[]] x", "empty"),
+])
+def test_scored_text_errors(tok, text, message):
+    with pytest.raises(InputError, match=message):
+        parse_scored_text(tok, text)

@@ -3,6 +3,7 @@
     import asarm
     model = asarm.load_model("asarm-en-small")
     print(asarm.infill(model, "The cat sat on the [MASK:3] and purred."))
+    print(asarm.infill(model, "The [MASK] sat on the mat."))  # length unknown: chosen from its posterior
 
 Every public name loads on first use (PEP 562), so ``import asarm`` and the ``asarm`` command's
 start-up (``--help``, ``models``) do not pay for torch; ``from asarm import ASARM, sample``
@@ -24,6 +25,7 @@ _LAZY = {
     "save_model": "checkpoint",
     "load_tokenizer": "tokenization",
     "infill": "text",
+    "length_posterior": "lengths",
     "score": "scoring",
     "ScoreResult": "scoring",
 }

@@ -93,10 +93,45 @@ def print_stats(result, elapsed: float) -> None:
     )
 
 
+def print_lengths(result) -> None:
+    for i, c in enumerate(getattr(result, "lengths", None) or []):
+        if c.method != "given":
+            kind = "joint posterior probability of all the lengths" if c.method == "exact-joint" else "posterior probability"
+            print(f"hole {i + 1}: length {c.length} ({kind} {c.probability:.3f}, "
+                  f"candidates {c.candidates[0]}-{c.candidates[-1]}, {c.method})", file=sys.stderr)
+
+
+def length_options(args) -> dict:
+    """Options for holes of unknown length (asarm.text.infill)."""
+    import json
+
+    prior = None
+    if getattr(args, "length_prior", None):
+        try:
+            with open(args.length_prior, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the length prior {args.length_prior}: {exc}") from None
+        if isinstance(raw, dict):
+            try:
+                prior = {int(k): float(v) for k, v in raw.items()}
+            except (TypeError, ValueError):
+                raise InputError(f"{args.length_prior}: a length prior maps lengths to weights, e.g. {{\"3\": 0.5}}") from None
+        elif isinstance(raw, list):
+            prior = raw
+        else:
+            raise InputError(f"{args.length_prior}: give a JSON list of weights (lengths 1, 2, ...) or an object")
+    stop = getattr(args, "stop_at", None)
+    if stop is not None:
+        stop = {"newline": "\n", "eos": "</s>"}.get(stop, stop.replace("\\n", "\n").replace("\\t", "\t"))
+    return dict(max_hole=getattr(args, "max_hole", None), length_prior=prior,
+                factorization=getattr(args, "factorization", None), stop_at=stop)
+
+
 def run_infill(args, text: str) -> int:
     from .text import infill
 
-    options = sampling_options(args)  # option errors before the model loads
+    options = {**sampling_options(args), **length_options(args)}  # option errors before the model loads
     model = load_cli_model(args)
     start = time.perf_counter()
     if args.stream:
@@ -106,13 +141,15 @@ def run_infill(args, text: str) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        _, result = stream_infill(model, text, write, progress=sys.stderr.isatty(), **options)
+        _, result = stream_infill(model, text, write, progress=sys.stderr.isatty(),
+                                  **{k: v for k, v in options.items() if k != "stop_at"})
         sys.stdout.write("\n")
     else:
         out, result = infill(model, text, return_result=True, **options)
         print(out)
     if args.stats:
         print_stats(result, time.perf_counter() - start)
+        print_lengths(result)
     return 0
 
 
@@ -223,13 +260,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"asarm {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("infill", help="fill [MASK:n] holes in a text",
-                       description="Fill holes written as [MASK:n] (n = hole length in tokens). "
+    p = sub.add_parser("infill", help="fill [MASK] / [MASK:n] holes in a text",
+                       description="Fill holes written as [MASK:n] (n = hole length in tokens), [MASK:a-b] "
+                                   "or [MASK] (length unknown: chosen from its posterior given the context). "
                                    "A hole at the end continues the text; '\\[' is a literal bracket. " + note)
     p.add_argument("text", nargs="?", help="text with holes, or '-' to read standard input")
     p.add_argument("--file", default=None, help="read the text from this file (UTF-8)")
     p.add_argument("--stats", action="store_true", help="print NFE, rounds and tokens per round to stderr")
     p.add_argument("--stream", action="store_true", help="print the text as it fills in")
+    p.add_argument("--max-hole", type=int, default=None, help="longest length of a [MASK] hole (default 32)")
+    p.add_argument("--length-prior", default=None, metavar="FILE", help="JSON prior over hole lengths: a list of "
+                   "weights for lengths 1, 2, ... or an object {length: weight} (default uniform)")
+    p.add_argument("--factorization", default=None, choices=["right-given-left", "left-given-right"],
+                   help="length evidence for [MASK] holes (default: the model's recorded choice)")
+    p.add_argument("--stop-at", default=None, help="fill a final [MASK] to its longest length and cut at this "
+                   "string: newline, eos, or any text ('\\n' is a newline)")
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)

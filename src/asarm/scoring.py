@@ -78,28 +78,43 @@ SPAN = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 
 def parse_scored_text(tokenizer, text: str):
     """Split text into tokens and a mask of the spans to score (``[[...]]``). Without any span
-    the whole text is scored (nothing visible: its unconditional chain likelihood)."""
+    the whole text is scored (nothing visible: its unconditional chain likelihood).
+
+    With tokenizers that attach a word's leading space to the word, one space right before a
+    span belongs to the span, so ``the [[mat]]`` and ``the[[ mat]]`` both score " mat". An
+    ``[[`` without its closing ``]]`` is an error."""
+    from .text import space_joins_next_word
     from .tokenization import encode
 
-    ids, hidden = [], []
-    last = 0
     spans = list(SPAN.finditer(text))
+    last = spans[-1].end() if spans else 0
+    if "[[" in text[last:]:
+        at = text.index("[[", last)
+        raise InputError(f"unclosed [[ at character {at}: close the scored span with ]] "
+                         "(spans are written [[like this]])")
     if not spans:
         ids = encode(tokenizer, text)
-        return torch.tensor(ids), torch.ones(len(ids), dtype=torch.bool)
+        return torch.tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.bool)
+    shift = space_joins_next_word(tokenizer)
+    ids, hidden = [], []
+    last = 0
     for m in spans:
-        before = encode(tokenizer, text[last : m.start()]) if m.start() > last else []
-        inside = encode(tokenizer, m.group(1))
-        if not inside:
+        before, inside = text[last:m.start()], m.group(1)
+        if "[[" in inside:
+            raise InputError(f"unclosed or nested [[ at character {m.start()}: spans are written [[like this]], "
+                             "one at a time")
+        if shift and before.endswith(" ") and inside[:1] not in ("", " "):
+            before, inside = before[:-1], " " + inside
+        before_ids, inside_ids = encode(tokenizer, before), encode(tokenizer, inside)
+        if not inside_ids:
             raise InputError("an empty [[ ]] span has nothing to score")
-        ids += before + inside
-        hidden += [False] * len(before) + [True] * len(inside)
+        ids += before_ids + inside_ids
+        hidden += [False] * len(before_ids) + [True] * len(inside_ids)
         last = m.end()
-    if last < len(text):
-        tail = encode(tokenizer, text[last:])
-        ids += tail
-        hidden += [False] * len(tail)
-    return torch.tensor(ids), torch.tensor(hidden)
+    tail = encode(tokenizer, text[last:])
+    ids += tail
+    hidden += [False] * len(tail)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(hidden, dtype=torch.bool)
 
 
 def cmd_score(args) -> int:

@@ -86,6 +86,14 @@ def run_from_args(args, model=None) -> dict:
         model = load_cli_model(args)
     task = _task_module(args.eval_task).build_task(model, args)
     out = Path(args.output) if args.output else default_output(args)
+    if getattr(args, "hole_length", "oracle") != "oracle":  # holes of unknown length: evaluation/hole_length.py
+        from .hole_length import run
+
+        out = Path(args.output) if args.output else Path(f"{default_output(args)}-hole-length")
+        summary = run(task, model, out_dir=out, limit=args.limit, seed=args.seed, progress=not args.no_progress,
+                      model_name=args.model or "asarm-en-small")
+        print((out / "summary.md").read_text())
+        return summary
     summary = run_task(task, model, configs=configs, out_dir=out, batch_size=args.batch_size, seed=args.seed,
                        shard=shard, limit=args.limit, temperature=args.temperature, overwrite=args.overwrite,
                        progress=not args.no_progress, model_name=args.model or "asarm-en-small",
@@ -150,6 +158,11 @@ def add_cli(subparsers) -> None:
         _common_arguments(q)
         if name != "humaneval-infilling":
             q.set_defaults(variant=None)
+        if name != "wikitext":
+            q.add_argument("--hole-length", default="oracle", choices=["oracle", "posterior", "fixed"],
+                           help="oracle: the sampler is given the true hole length (default); posterior / fixed: "
+                                "compare oracle, fixed (mean answer length), learned-prior and posterior lengths "
+                                "(both factorizations, uniform and learned prior), greedy decoding")
         q.set_defaults(func=cmd_eval)
     q = sub.add_parser("merge", help="combine the shards of a run: records, summary, table, plots")
     q.add_argument("folders", nargs="+", help="output folder(s) of sharded runs")
