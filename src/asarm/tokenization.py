@@ -90,6 +90,11 @@ class FastTokenizer:
             return self._tokenizer.id_to_token(ids)
         return [self._tokenizer.id_to_token(int(i)) for i in ids]
 
+    @property
+    def backend_tokenizer(self):
+        """The `tokenizers` object, under the name transformers' fast tokenizers give it."""
+        return self._tokenizer
+
     def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
         backend = self._tokenizer
         before = backend.encode_special_tokens
