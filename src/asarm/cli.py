@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the shipped models")
     p.set_defaults(func=cmd_models)
 
-    from . import bench, evaluation, scoring, train
+    from . import bench, evaluation, scoring, serve, train
 
-    for part in (scoring, train, evaluation, bench):
+    for part in (scoring, train, evaluation, bench, serve):
         part.add_cli(sub)
     return parser
 
