@@ -8,6 +8,7 @@ playground page at /. ``create_app(model, ...)`` (asarm.serve.app) builds the AS
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ def cmd_serve(args) -> int:
     name = args.served_name or os.path.basename(str(args.model or DEFAULT_MODEL).rstrip("/"))
     api_key = args.api_key or os.environ.get("ASARM_API_KEY") or None
     app = create_app(model, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
-                     api_key=api_key, request_timeout=args.request_timeout)
+                     api_key=api_key, request_timeout=args.request_timeout, pass_delay=args.pass_delay)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.grace, access_log=args.log_level == "debug")
@@ -61,5 +62,6 @@ def add_cli(sub) -> None:
     p.add_argument("--served-name", default=None, help="model id in the API (default: the model's name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow engine
     add_model_arguments(p)
     p.set_defaults(func=cmd_serve)
