@@ -58,7 +58,7 @@ def test_sigterm_finishes_in_flight_and_exits_0():
                 for line in r.iter_lines():
                     lines.append(line)
                     first_token.set()
-                result["status"], result["body"] = r.status_code, "\n\n".join(lines)
+                result["status"], result["body"] = r.status_code, "\n".join(lines)
 
         t = threading.Thread(target=in_flight)
         t.start()
@@ -77,7 +77,7 @@ def test_sigterm_finishes_in_flight_and_exits_0():
         assert t.is_alive() or "status" in result
         t.join(60)
         assert result["status"] == 200
-        events = sse_events(result["body"].replace("\n\n\n\n", "\n\n"))
+        events = sse_events(result["body"])
         assert events[-1] == "[DONE]"
         final = [c for e in events[:-1] for c in e["choices"] if c["finish_reason"]]
         assert len(final) == 1 and final[0]["asarm"]["tokens"] == 40
