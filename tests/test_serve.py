@@ -334,3 +334,18 @@ def test_unknown_length_uses_the_posterior(monkeypatch, server):
     body = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "suffix": " and sat.", "max_tokens": 6,
                                                       "temperature": 0}, timeout=60).json()
     assert body["choices"][0]["asarm"]["holes"][0]["length"] == 3 and calls[-1][2] == list(range(1, 7))
+
+
+def test_loadtest_runs_and_writes_results(server, tmp_path):
+    import json
+
+    from asarm.serve import loadtest
+
+    rc = loadtest.main(["--url", server[0], "--clients", "1,2", "--duration", "1", "--repeats", "1",
+                        "--max-tokens", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["clients"] for r in data["summary"]] == [1, 2]
+    assert all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in data["summary"])
+    assert data["summary"][0]["speedup_vs_one_at_a_time"] == 1.0
+    assert (tmp_path / "throughput.png").stat().st_size > 1000

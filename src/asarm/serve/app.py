@@ -218,8 +218,8 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
         except ClientGone:
             return Response(status_code=499)
 
-    def submit(n_rows: int, prepare) -> Job:
-        job = Job(n_rows, prepare, Channel())
+    def submit(n_rows: int, prepare, rounds: bool = False) -> Job:
+        job = Job(n_rows, prepare, Channel(), rounds=rounds)
         try:
             state.loop.submit(job)
         except QueueFull as exc:
@@ -232,7 +232,8 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
         config = adapter.make_config(body.decode_options())
         seeds = H.seeds_for(body)
-        return submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length))
+        return submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length),
+                      rounds=body.stream)
 
     async def _completions(request, body: CompletionRequest):
         parts = H.completion_parts(state.tokenizer, body, state.max_length)

@@ -62,8 +62,9 @@ class Channel:
 class Job:
     """A request's work. ``prepare()`` runs on the engine thread and returns (rows, info)."""
 
-    def __init__(self, n_rows: int, prepare: Callable, channel: Channel):
+    def __init__(self, n_rows: int, prepare: Callable, channel: Channel, rounds: bool = True):
         self.n_rows, self.prepare, self.channel = n_rows, prepare, channel
+        self.rounds = rounds  # send "round" events (streams); else only "done", which wakes the event loop less
         self.cancelled = False
         self.remaining = 0
         self.arrived = time.monotonic()
@@ -185,11 +186,13 @@ class EngineLoop:
     def _on_round(self, job: Job, choice: int, event) -> None:
         self._pass_tokens += len(event.tokens)
         self.metrics.round_done(len(event.tokens), event.resampled is not None)
-        job.channel.emit("round", (choice, event))
+        if job.rounds:
+            job.channel.emit("round", (choice, event))
 
     def _step(self) -> None:
         batch = self.adapter.active
         self._pass_tokens = 0
+        start = time.perf_counter()
         try:
             finished = self.adapter.step()
         except Exception as exc:  # noqa: BLE001 - a bug: fail the batch, keep serving
@@ -197,6 +200,7 @@ class EngineLoop:
             self._fail_all(exc)
             return
         self.metrics.passes.inc()
+        self.metrics.pass_seconds.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(batch)
         self.metrics.tokens_per_pass.observe(self._pass_tokens)
         for handle in finished:

@@ -20,6 +20,9 @@ class Metrics:
         self.active_rows = Gauge("asarm_active_rows", "rows in the running batch", registry=r)
         self.rejected = Counter("asarm_rejected", "requests refused because the queue was full (429)", registry=r)
         self.passes = Counter("asarm_passes", "shared network passes of the engine loop", registry=r)
+        self.pass_seconds = Histogram("asarm_pass_seconds", "wall time of one shared engine pass",
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                      registry=r)
         self.batch_size = Histogram("asarm_batch_size", "rows per shared pass", buckets=_BATCH, registry=r)
         self.tokens_per_pass = Histogram("asarm_tokens_per_pass", "tokens filled in one shared pass, all rows",
                                          buckets=_BATCH, registry=r)
