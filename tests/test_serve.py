@@ -281,7 +281,8 @@ def test_disconnect_frees_the_row():
         req = {"prompt": "Once", "max_tokens": 100, "method": "sequential", "stream": True, "seed": 0}
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", url + "/v1/completions", json=req) as r:
-                next(r.iter_lines())  # the first token arrived: the row is in the batch
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the connection
+                next(lines)  # the first token arrived: the row is in the batch
                 assert httpx.get(url + "/health").json()["active_rows"] == 1
         # the client hung up after ~1 of 100 passes (10 s of work): its row must leave the batch
         assert _wait(lambda: httpx.get(url + "/health").json()["active_rows"] == 0, timeout=5)
@@ -349,3 +350,12 @@ def test_loadtest_runs_and_writes_results(server, tmp_path):
     assert all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in data["summary"])
     assert data["summary"][0]["speedup_vs_one_at_a_time"] == 1.0
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+def test_unknown_length_without_the_length_module_is_a_400(monkeypatch, client):
+    monkeypatch.setitem(sys.modules, "asarm.lengths", None)  # import fails as in a build without it
+    for stream in (False, True):  # a stream is refused before its headers, not with an event
+        r = client.post("/v1/infill", json={"text": "The [MASK] sat on the mat.", "stream": stream})
+        assert r.status_code == 400 and "hole_length" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "suffix": " and sat.", "stream": True})
+    assert r.status_code == 400

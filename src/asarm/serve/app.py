@@ -240,7 +240,7 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
         job = generation_job(body, parts)
         run = CompletionRun(state, body, job, suffix=body.suffix is not None)
         if body.stream:
-            return sse_response(run.stream())
+            return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
     async def _infill(request, body: InfillRequest):
@@ -249,7 +249,7 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
         job = generation_job(body, parts)
         run = InfillRun(state, body, job)
         if body.stream:
-            return sse_response(run.stream())
+            return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
     async def _score(request, body: ScoreRequest):
@@ -269,9 +269,19 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
         return await collect(request, job, score_answer(state, ids, hidden, job))
 
 
-def sse_response(gen) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
+async def stream_response(request: Request, job: Job, run) -> StreamingResponse:
+    """Headers go out once the job has started (its rows are in the batch), so an error found
+    while preparing it (e.g. no hole length fits) is still a plain 4xx, not an event."""
+    gen = events(run.state, job)
+    first = await collect(request, job, gen.__anext__())  # a client gone while queued cancels it
+    return StreamingResponse(run.stream(first, gen), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def events(state: ServerState, job: Job):
@@ -360,9 +370,9 @@ class CompletionRun:
                              "model": self.state.model_name, "choices": choices,
                              "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
 
-    async def stream(self):
+    async def stream(self, first, rest):
         try:
-            async for kind, payload in events(self.state, self.job):
+            async for kind, payload in _chain(first, rest):
                 if kind == "start":
                     self._start(payload)
                 elif kind == "round":
@@ -384,6 +394,8 @@ class CompletionRun:
             if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
                 log.exception("a completion stream failed")
             yield error_event(exc)
+        finally:
+            await rest.aclose()  # the job is cancelled at once if the client went away
         yield H.sse("[DONE]")
 
 
@@ -438,9 +450,9 @@ class InfillRun:
                              "model": self.state.model_name, "choices": [done[i] for i in range(self.body.n)],
                              "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
 
-    async def stream(self):
+    async def stream(self, first, rest):
         try:
-            async for kind, payload in events(self.state, self.job):
+            async for kind, payload in _chain(first, rest):
                 if kind == "start":
                     yield H.sse(self._start(payload))
                 elif kind == "round":
@@ -453,6 +465,8 @@ class InfillRun:
             if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
                 log.exception("an infill stream failed")
             yield error_event(exc)
+        finally:
+            await rest.aclose()  # the job is cancelled at once if the client went away
         yield H.sse("[DONE]")
 
 
