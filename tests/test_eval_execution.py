@@ -1,12 +1,17 @@
 """The sandbox that runs generated code, checked with HumanEval-infilling oracles: canonical
-solutions pass, corrupted ones fail, loops and sleeps time out, early exits do not count."""
+solutions pass, corrupted ones fail, loops and sleeps time out, early exits do not count; and
+one test per attack of issue 15, each of which must fail to escape."""
 
 from __future__ import annotations
+
+import os
+import tempfile
+import time
 
 import pytest
 
 from asarm.evaluation.common import find_shared_data
-from asarm.evaluation.execution import humaneval_program, run_program, run_programs
+from asarm.evaluation.execution import WRAPPER, humaneval_program, run_program, run_programs, sandbox_layers
 from asarm.evaluation.humaneval import VARIANTS, read_problems
 
 
@@ -78,3 +83,194 @@ def test_limits_and_no_network():
     # the program runs in a fresh temporary directory and only sees a minimal environment
     assert run_program("import os\nassert os.path.basename(os.getcwd()).startswith('asarm-exec-')\n"
                        "assert not any('proxy' in k.lower() for k in os.environ)\n").passed
+
+
+# ---------------------------------------------------------------- attacks (issue 15)
+# Each attack runs in three set-ups: everything this machine offers ("full"), no namespaces
+# ("no-ns": cgroups only), and neither namespaces nor cgroups ("bare") -- the kill-everything,
+# timeout and verdict layers must hold in all three. RAW re-imports the posix module, which
+# undoes the Python-level guard: it shows that the kernel layers below it hold on their own.
+
+MODES = {"full": {}, "no-ns": {"namespaces": False}, "bare": {"namespaces": False, "cgroups": False}}
+RAW = "import sys\ndel sys.modules['posix']\nimport posix\nassert posix.fork is not None\n"
+ROUTES = {"guarded": "import posix\n", "raw": RAW}
+
+
+def run(source: str, mode: str, **options):
+    return run_program(source, **MODES[mode], **options)
+
+
+def sandbox_processes() -> list[int]:
+    """Processes still running this checkout's wrapper (or forked from it)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if WRAPPER.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """Two writable places outside the sandbox's work directory: one in /tmp, one next to the repo."""
+    repo_dir = tempfile.mkdtemp(prefix=".sandbox-probe-", dir=os.path.dirname(os.path.dirname(__file__)))
+    yield [str(tmp_path), repo_dir]
+    for name in os.listdir(repo_dir):
+        os.remove(os.path.join(repo_dir, name))
+    os.rmdir(repo_dir)
+
+
+def needs_write_confinement(mode: str) -> None:
+    layers = sandbox_layers(**MODES[mode])
+    if "mount-namespace" not in layers and "landlock" not in layers:
+        pytest.skip("writes are confined only by a mount namespace or Landlock; this machine has neither")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("route", ROUTES)
+def test_posix_system_and_spawn_run_nothing(mode, route, outside):
+    for call in ("assert posix.system('touch {t}') == 0", "posix.posix_spawn('/usr/bin/touch', ['touch', '{t}'], {{}})"):
+        target = os.path.join(outside[0], "spawned")
+        r = run(ROUTES[route] + call.format(t=target) + "\n", mode)
+        assert not r.passed and not os.path.exists(target), (call, r)
+
+
+ESCAPES = """done = []
+for name, attempt in [("unlink", lambda: posix.unlink(VICTIM)), ("overwrite", lambda: open(VICTIM, "w").write("x")),
+                      ("create", lambda: open(VICTIM + "-new", "w").write("x"))]:
+    try:
+        attempt()
+        done.append(name)
+    except Exception as exc:
+        print(name, "refused:", exc)
+assert done, "every write outside the work directory was refused"
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("route", ROUTES)
+def test_unlink_and_write_outside_the_work_directory_fail(mode, route, outside):
+    if route == "raw":
+        needs_write_confinement(mode)
+    for place in outside:  # below /tmp (another directory than the work one), and next to the repo
+        victim = os.path.join(place, f"victim-{os.getpid()}")
+        with open(victim, "w") as f:
+            f.write("keep")
+        try:
+            r = run(ROUTES[route] + f"VICTIM = {victim!r}\n" + ESCAPES, mode)
+            assert not r.passed and open(victim).read() == "keep" and not os.path.exists(victim + "-new"), r
+        finally:
+            os.remove(victim)
+    # the work directory itself stays writable
+    assert run("open('out.txt', 'w').write('x')\nimport os\nos.mkdir('d')\n", mode).passed
+
+
+FORK_BOMB = RAW + """import time
+for i in range(20):
+    if posix.fork() == 0:
+        time.sleep(30)
+        posix._exit(0)
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fork_bomb_of_20_is_stopped_and_leaves_nothing(mode):
+    r = run(FORK_BOMB, mode, timeout=20)
+    assert not r.passed and ("BlockingIOError" in r.detail or "PermissionError" in r.detail), r
+    assert sandbox_processes() == []
+
+
+TREE_MEMORY = RAW + """import select
+r, w = posix.pipe()
+kids = []
+for i in range(4):
+    pid = posix.fork()
+    if pid == 0:
+        block = b'x' * (600 << 20)
+        posix.write(w, b'1')
+        select.select([], [], [], 1.0)
+        posix._exit(0)
+    kids.append(pid)
+posix.close(w)
+got = b''
+while len(got) < 4:
+    chunk = posix.read(r, 4)
+    if not chunk:
+        break
+    got += chunk
+assert got == b'1111', got
+assert all(posix.waitpid(pid, 0)[1] == 0 for pid in kids)
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_four_children_cannot_hold_600_mib_each_under_a_1_gib_limit(mode):
+    r = run(TREE_MEMORY, mode, memory_mb=1024, timeout=20)
+    assert not r.passed, r
+    assert sandbox_processes() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_setsid_child_does_not_outlive_the_run(mode, outside):
+    target = os.path.join(outside[0], "late")
+    source = RAW + f"""import time
+if posix.fork() == 0:
+    posix.setsid()
+    time.sleep(1.0)
+    open({target!r}, 'w').write('still alive')
+    posix._exit(0)
+"""
+    run(source, mode)  # the program itself ends normally; its child must not survive it
+    assert sandbox_processes() == []
+    time.sleep(1.5)
+    assert not os.path.exists(target)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_open_pipes_do_not_block_the_timeout(mode):
+    source = RAW + """import time
+try:
+    if posix.fork() == 0:
+        posix.setsid()
+        time.sleep(60)
+except OSError:
+    pass
+time.sleep(60)
+"""
+    start = time.perf_counter()
+    r = run(source, mode, timeout=1)
+    assert r.status == "timeout" and time.perf_counter() - start < 1 + 3, r
+    assert sandbox_processes() == []
+
+
+FORGERIES = [
+    # the old runner's marker, read from __main__ and printed before failing
+    "import sys\nm = sys.modules['__main__']\nsys.stderr.write(str(getattr(m, '_marker', '')) + '\\n')\n"
+    "print(sorted(vars(m)))\nassert False\n",
+    "import os\nos._exit(0)\nassert False\n",
+    "import posix\nposix._exit(0)\nassert False\n",
+    "import sys\nsys.exit(0)\nassert False\n",
+    "import atexit, sys\natexit.register(lambda: None)\nraise SystemExit(0)\n",
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_program_cannot_forge_a_pass(mode):
+    for source in FORGERIES:
+        assert not run(source, mode).passed, source
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_program_cannot_signal_the_harness(mode):
+    r = run(RAW + f"posix.kill({os.getpid()}, 0)\n", mode)
+    assert not r.passed and ("PermissionError" in r.detail or "ProcessLookupError" in r.detail), r
+
+
+def test_kill_timeout_and_verdict_layers_need_no_namespaces():
+    layers = sandbox_layers(namespaces=False, cgroups=False)
+    assert {"guard", "rlimits"} <= layers
+    if os.uname().machine in ("x86_64", "aarch64"):
+        assert {"seccomp", "no-fork"} <= layers

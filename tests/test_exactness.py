@@ -134,7 +134,7 @@ def test_negative_control_wrong_residual_fails(model, monkeypatch, draft):
     itself instead of normalize(max(0, q - p)). It must be rejected too."""
     from asarm import sampling
 
-    monkeypatch.setattr(sampling, "residual", lambda target, proposal: target)
+    monkeypatch.setattr(sampling.target, "residual", lambda target, proposal: target)
     result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), method="assd", draft=draft,
                     k=3, seed=0)
     _, p = g_test(draws(result, MASKED), reference(model, 1.0, "left-to-right"))

@@ -10,7 +10,7 @@ Heavy dependencies (transformers, tokenizers) load only when a function that nee
 from .config import ASARMConfig
 from .errors import ASARMError, CheckpointError, InputError
 from .model import ASARM
-from .sampling import SampleResult, sample
+from .sampling import DecodeConfig, SampleResult, sample
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ _LAZY = {
     "ScoreResult": "scoring",
 }
 
-__all__ = ["ASARM", "ASARMConfig", "ASARMError", "CheckpointError", "InputError", "SampleResult",
+__all__ = ["ASARM", "ASARMConfig", "ASARMError", "CheckpointError", "InputError", "SampleResult", "DecodeConfig",
            "sample", *_LAZY]
 
 

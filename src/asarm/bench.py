@@ -1,6 +1,6 @@
 """``asarm bench``: samplers side by side in one process, same checkpoint, same inputs.
 
-Configurations (DESIGN §2): full-recompute sequential (the paper's serial baseline), full-
+Configurations (docs/design.md): full-recompute sequential (the paper's serial baseline), full-
 recompute ASSD (the paper's ASSD), cached sequential, cached ASSD (self and n-gram drafts),
 batched cached ASSD. Every configuration is timed the same way, on *windows* of passes spread
 over the run: the rows are fast-forwarded to 0%, 20%, 40%, 60% and 80% of their hidden tokens
@@ -26,52 +26,36 @@ from .config import ASARMConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError
 from .model import ASARM
-from .sampling import Speculation, TargetDistribution, _Engine, _Row, _row_seed
-from .ranks import decoding_order
+from .sampling import DecodeConfig, Engine, speedup_configs as decode_speedup_configs
 
 XLNET_BASE = dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, d_inner=3072, dropout=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    name: str
-    method: str
-    draft: str = "self"
-    cache: bool = True
-    batch: int = 1
-    k: int = 5
-    bonus: bool = False
-    one_pass: bool = False
-    adaptive_k: bool = False
+    """A benchmark configuration: how to decode, and how many rows share each pass."""
 
-    @property
-    def speculation(self) -> Speculation:
-        return Speculation(k=self.k, bonus=self.bonus, one_pass=self.one_pass, adaptive_k=self.adaptive_k)
+    name: str
+    decode: DecodeConfig
+    batch: int = 1
 
 
 def default_configs(k: int, batches: list[int]) -> list[Config]:
     configs = [
-        Config("full-recompute sequential", "sequential", cache=False, k=1),
-        Config("full-recompute ASSD", "assd", cache=False, k=k),
-        Config("cached sequential", "sequential", k=1),
-        Config("cached ASSD self", "assd", k=k),
-        Config("cached ASSD n-gram", "assd", draft="ngram", k=k),
+        Config("full-recompute sequential", DecodeConfig("sequential", k=1, cache=False)),
+        Config("full-recompute ASSD", DecodeConfig("assd", k=k, cache=False)),
+        Config("cached sequential", DecodeConfig("sequential", k=1)),
+        Config("cached ASSD self", DecodeConfig("assd", k=k)),
+        Config("cached ASSD n-gram", DecodeConfig("assd", "ngram", k)),
     ]
-    configs += [Config(f"batched cached ASSD B={b}", "assd", batch=b, k=k) for b in batches]
+    configs += [Config(f"batched cached ASSD B={b}", DecodeConfig("assd", k=k), batch=b) for b in batches]
     return configs
 
 
 def speedup_configs(k: int) -> list[Config]:
-    """Plain cached ASSD against each exact improvement and their combination."""
-    return [
-        Config("cached sequential", "sequential", k=1),
-        Config("ASSD", "assd", k=k),
-        Config("ASSD + bonus", "assd", k=k, bonus=True),
-        Config("ASSD + one-pass", "assd", k=k, one_pass=True),
-        Config("ASSD + adaptive k", "assd", k=k, adaptive_k=True),
-        Config("ASSD + one-pass + adaptive k", "assd", k=k, one_pass=True, adaptive_k=True),
-        Config("ASSD n-gram + bonus", "assd", draft="ngram", k=k, bonus=True),
-    ]
+    """Plain cached ASSD against each exact improvement and their combination (one list,
+    ``asarm.sampling.speedup_configs``, shared with ``asarm eval --speedups``)."""
+    return [Config("cached " + c.label, c) for c in decode_speedup_configs(k)]
 
 
 def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int, corpus=None):
@@ -100,29 +84,19 @@ def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int,
     return ids, masked
 
 
-def build_rows(model, ids, masked, cfg: Config, seed: int, progress: float):
-    """Sampler rows fast-forwarded to ``progress`` of their hidden tokens decoded."""
-    target = TargetDistribution(model.config.mask_token_id)
-    rows = []
+def fast_forward(ids, masked, progress: float, vocab: int, mask_id: int, seed: int):
+    """Inputs whose first ``progress`` of hidden positions (left to right) are already known,
+    with random tokens: a pass costs what it costs at that point of a run (the cost depends on
+    how many tokens are known, not on which)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    ids, masked = ids.clone(), masked.clone()
     for b in range(ids.shape[0]):
-        gen = torch.Generator().manual_seed(_row_seed(seed, b))
-        tokens = ids[b].clone()
-        order = decoding_order(masked[b], "left-to-right")
-        tokens[masked[b]] = model.config.mask_token_id
-        row = _Row(b, tokens, ids.shape[1], order, gen, target, cfg.method, cfg.draft, cfg.speculation, model.config.vocab_size)
-        done = int(progress * row.m)
-        if done:
-            positions = row.order[:done]
-            fill = torch.randint(0, model.config.vocab_size, (done,), generator=gen)
-            fill[fill == model.config.mask_token_id] = 0
-            row.tokens[positions] = fill
-            row.n = done
-            row.pending = row.known_contents()
-            if row.ngram is not None:
-                row.known[positions] = True
-                row.ngram.observe(row.tokens, row.known, positions)
-        rows.append(row)
-    return rows
+        hidden = torch.nonzero(masked[b]).flatten()
+        done = hidden[: int(progress * len(hidden))]
+        fill = torch.randint(0, vocab, (len(done),), generator=g)
+        fill[fill == mask_id] = (mask_id + 1) % vocab
+        ids[b, done], masked[b, done] = fill, False
+    return ids, masked
 
 
 def sync(device) -> None:
@@ -131,30 +105,31 @@ def sync(device) -> None:
 
 
 def time_config(model, ids, masked, cfg: Config, window: int, stages, full: bool, seed: int) -> dict:
-    """Time one configuration; returns tokens, passes, rounds and seconds in the timed windows."""
+    """Time one configuration; returns tokens, passes, rounds, seconds in the timed windows and
+    the part of those seconds spent outside the model's forward (host_seconds)."""
     tokens = passes = rounds = steps_total = 0
-    seconds = 0.0
-    L = ids.shape[1]
+    seconds = forward = 0.0
+    cfg_model = model.config
     for progress in ([0.0] if full else stages):
-        rows = build_rows(model, ids, masked, cfg, seed, progress)
-        engine = _Engine(model, rows, L, cfg.speculation.max_k, cfg.cache, rows[0].target, None)
+        fids, fmasked = fast_forward(ids, masked, progress, cfg_model.vocab_size, cfg_model.mask_token_id, seed)
+        engine = Engine(model, cache=cfg.decode.cache)
+        handles = [engine.add(fids[b], fmasked[b], cfg.decode, seed=seed, row_index=b) for b in range(len(fids))]
         if not full:
             engine.step()  # untimed: prefill of the known tokens, warm-up
-        before = [(r.n, r.nfe, r.rounds) for r in rows]
-        steps = 0
-        sync(model.device)
-        start = time.perf_counter()
-        while engine.rows and (full or steps < window):
+        before = [(h.row.n, h.row.nfe, h.row.rounds) for h in handles]
+        steps, engine.step_seconds, engine.forward_seconds = 0, 0.0, 0.0
+        while engine.active and (full or steps < window):
             engine.step()
             steps += 1
-        sync(model.device)
-        seconds += time.perf_counter() - start
+        seconds += engine.step_seconds
+        forward += engine.forward_seconds
         steps_total += steps
-        for r, (n, nfe, rd) in zip(rows, before):
-            tokens += r.n - n
-            passes += r.nfe - nfe
-            rounds += r.rounds - rd
-    return dict(tokens=tokens, passes=passes, rounds=rounds, steps=steps_total, seconds=seconds)
+        for h, (n, nfe, rd) in zip(handles, before):
+            tokens += h.row.n - n
+            passes += h.row.nfe - nfe
+            rounds += h.row.rounds - rd
+    return dict(tokens=tokens, passes=passes, rounds=rounds, steps=steps_total, seconds=seconds,
+                host_seconds=seconds - forward)
 
 
 def time_full_pass(model, length: int, repeats: int = 2) -> float:
@@ -187,12 +162,14 @@ def run_bench(model, lengths, settings, configs, window=6, stages=(0.0, 0.2, 0.4
             torch.cuda.reset_peak_memory_stats(model.device)
         stats = time_config(model, ids.to("cpu"), masked, cfg, window, stages, full, seed)
         tok_s = stats["tokens"] / stats["seconds"] if stats["seconds"] else float("nan")
-        record = dict(length=L, setting=setting, config=cfg.name, method=cfg.method, draft=cfg.draft,
-                      cache=cfg.cache, batch=cfg.batch, k=cfg.k, **stats, tokens_per_s=tok_s,
+        d = cfg.decode
+        record = dict(length=L, setting=setting, config=cfg.name, decode=d.name, method=d.method, draft=d.draft,
+                      cache=d.cache, batch=cfg.batch, k=d.k, **stats, tokens_per_s=tok_s,
+                      host_fraction=stats["host_seconds"] / stats["seconds"] if stats["seconds"] else None,
                       seconds_per_pass=stats["seconds"] / max(stats["steps"], 1),
                       passes_per_token=stats["passes"] / max(stats["tokens"], 1),
                       tokens_per_round=stats["tokens"] / max(stats["rounds"], 1),
-                      cache_bytes_per_token=cache_bytes_per_token if cfg.cache else 0)
+                      cache_bytes_per_token=cache_bytes_per_token if d.cache else 0)
         if model.device.type == "cuda":
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(model.device)
         records.append(record)
@@ -205,13 +182,17 @@ def run_bench(model, lengths, settings, configs, window=6, stages=(0.0, 0.2, 0.4
 
 
 def markdown_table(records) -> str:
-    lines = ["| L | setting | configuration | tokens/s | s/pass | passes/token | tokens/round | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| L | setting | configuration | tokens/s | s/pass | host share of pass | passes/token | tokens/round | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         speed = f"{r['speedup_vs_baseline']:.1f}x" if r.get("speedup_vs_baseline") else "-"
         lines.append(f"| {r['length']} | {r['setting']} | {r['config']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['seconds_per_pass']:.4f} | {r['passes_per_token']:.3f} | {r['tokens_per_round']:.2f} | {speed} |")
+                     f"{r['seconds_per_pass']:.4f} | {_percent(r.get('host_fraction'))} | {r['passes_per_token']:.3f} | {r['tokens_per_round']:.2f} | {speed} |")
     return "\n".join(lines)
+
+
+def _percent(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def plot(records, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Exact content cache for chain sampling (DESIGN §2 "Exact caching").
+"""Exact content cache for chain sampling (docs/design.md, "Exact cache").
 
 With fixed ranks, a content state depends only on tokens of lower rank, which never change once
 decoded. So the keys and values of every committed content row stay valid for the rest of the
@@ -78,3 +78,21 @@ class ContentCache:
         self.key_pos = self.key_pos[rows]
         self.key_rank = self.key_rank[rows]
         self.length = self.length[rows]
+
+    def add_rows(self, count: int, capacity: int) -> None:
+        """Append ``count`` empty rows (a row joining a running batch); grow every row's slots to
+        ``capacity`` if the newcomer needs more. Existing rows keep their committed slots."""
+        extra_slots = max(0, capacity - self.capacity)
+        self.capacity += extra_slots
+        self.keys = [_grown(k, count, extra_slots, 0) for k in self.keys]
+        self.values = [_grown(v, count, extra_slots, 0) for v in self.values]
+        self.key_pos = _grown(self.key_pos, count, extra_slots, 0)
+        self.key_rank = _grown(self.key_rank, count, extra_slots, NO_KEY)
+        self.length = torch.cat([self.length, self.length.new_zeros(count)])
+
+
+def _grown(t: torch.Tensor, rows: int, slots: int, fill) -> torch.Tensor:
+    """``t`` [B, S, ...] padded with ``fill`` to [B + rows, S + slots, ...]."""
+    out = torch.full((t.shape[0] + rows, t.shape[1] + slots, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out

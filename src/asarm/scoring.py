@@ -16,7 +16,7 @@ import torch
 
 from .errors import InputError
 from .ranks import decoding_order, ranks_from_order
-from .sampling import TargetDistribution, _row_orders, _row_seed, check_inputs, check_temperature
+from .sampling import TargetDistribution, check_inputs, check_temperature, row_orders, row_seed
 
 
 @dataclasses.dataclass
@@ -55,9 +55,9 @@ def score(model, input_ids: torch.Tensor, masked: torch.Tensor, *, order="left-t
     if seed is None:
         seed = random.SystemRandom().randrange(2**62)
     ranks = torch.stack([
-        ranks_from_order(L, decoding_order(hid[b], o, torch.Generator().manual_seed(_row_seed(seed, b))),
+        ranks_from_order(L, decoding_order(hid[b], o, torch.Generator().manual_seed(row_seed(seed, b))),
                          int(valid[b].sum()))
-        for b, o in enumerate(_row_orders(order, B))
+        for b, o in enumerate(row_orders(order, B))
     ])
     ids_dev = ids.to(model.device)
     logits, query_pos, query_valid = model.chain_logits(ids_dev, ranks.to(model.device))

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..sampling import DecodeConfig, config_label, speedup_configs  # noqa: F401  (re-exported)
 
 SWEEP_KS = (1, 2, 3, 5, 8)
 RECORD_GLOB = "records*.jsonl"
@@ -46,54 +47,6 @@ class Example:
     @property
     def num_hidden(self) -> int:
         return sum(self.hidden)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    method: str  # "sequential" | "assd"
-    draft: str = "self"
-    k: int = 5
-    # the faster exact ASSD variants (``asarm.sample``'s bonus / one_pass / adaptive_k)
-    bonus: bool = False
-    one_pass: bool = False
-    adaptive_k: bool = False
-
-    @property
-    def variants(self) -> list[str]:
-        flags = (("bonus", self.bonus), ("one-pass", self.one_pass), ("adaptive-k", self.adaptive_k))
-        return [name for name, on in flags if on and self.method == "assd"]
-
-    @property
-    def name(self) -> str:
-        if self.method == "sequential":
-            return "sequential"
-        return "+".join([f"assd-{self.draft}-k{self.k}"] + self.variants)
-
-    @property
-    def label(self) -> str:
-        return config_label(self.method, self.draft, self.k, self.variants)
-
-
-def config_label(method: str, draft: str | None, k: int | None, variants: list[str] = ()) -> str:
-    if method == "sequential":
-        return "sequential"
-    label = f"ASSD {'self-draft' if draft == 'self' else 'n-gram draft'}, k={k}"
-    return label + "".join(f" + {v}" for v in variants)
-
-
-def speedup_configs(k: int) -> list[DecodeConfig]:
-    """Sequential, plain ASSD, each faster exact variant and their combination (``--speedups``)."""
-    return [
-        DecodeConfig("sequential", k=1),
-        DecodeConfig("assd", "self", k),
-        DecodeConfig("assd", "self", k, bonus=True),
-        DecodeConfig("assd", "self", k, one_pass=True),
-        DecodeConfig("assd", "self", k, adaptive_k=True),
-        DecodeConfig("assd", "self", k, one_pass=True, adaptive_k=True),
-        DecodeConfig("assd", "ngram", k),
-        DecodeConfig("assd", "ngram", k, bonus=True),
-        DecodeConfig("assd", "ngram", k, bonus=True, adaptive_k=True),
-    ]
 
 
 def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, bonus: bool = False,

@@ -73,10 +73,10 @@ def run_task(task, model, *, configs: list[DecodeConfig], out_dir, batch_size: i
         for batch, config in work:
             ids, masked, att = pad_batch(batch, pad_id, cfg.mask_token_id)
             seed_b = batch_seed(seed, batch[0].index)
-            result = sample(model, ids.to(model.device), masked.to(model.device), method=config.method,
-                            draft=config.draft, k=config.k, temperature=temperature, seed=seed_b,
-                            attention_mask=att.to(model.device), bonus=config.bonus,
-                            one_pass=config.one_pass, adaptive_k=config.adaptive_k)
+            # records stay keyed by config.name; the temperature is in the run's meta
+            result = sample(model, ids.to(model.device), masked.to(model.device),
+                            config.replace(temperature=temperature), seed=seed_b,
+                            attention_mask=att.to(model.device))
             filled = result.input_ids.cpu()
             outputs, generated = [], []
             for b, e in enumerate(batch):

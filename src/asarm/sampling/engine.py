@@ -1,0 +1,249 @@
+"""The engine: shared passes over every active row, rows joining and leaving between passes.
+
+One ``step`` is one network pass:
+  1. every row plans its pass (content rows to add, query rows to ask);
+  2. the plans are padded into one ``model.forward_rows`` call, with the exact cache;
+  3. on the model's device: target distributions, one draw per query row, and the batched
+     ``verify`` for rows checking drafts; only token ids, accept counts and per-token
+     probabilities cross to the host;
+  4. each row advances, and the cache commits per row the accepted prefix of its new rows.
+Rows that finish leave; new rows may be ``add``-ed before any step (continuous batching).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..cache import ContentCache
+from ..errors import InputError
+from ..model import NO_KEY
+from ..ranks import decoding_order
+from .checks import check_row
+from .config import DecodeConfig
+from .row import Outcome, Plan, RoundEvent, Row, SampleResult
+from .target import draw
+from .verify import verify
+
+
+def row_seed(seed: int, row: int) -> int:
+    """Row ``row`` of a call seeded with ``seed`` draws from its own stream, independent of the
+    batch it runs in: a torch.Generator seeded with this value."""
+    return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+class RowHandle:
+    """What ``Engine.add`` returns: the row's progress and, once done, its result."""
+
+    def __init__(self, row: Row, input_ids: torch.Tensor, return_logprobs: bool):
+        self.row, self.input_ids, self.return_logprobs = row, input_ids, return_logprobs
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.row.done
+
+    def result(self):
+        row = self.row
+        out = self.input_ids.clone()
+        out[: row.tokens.shape[0]] = row.tokens.to(out.device)
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return SampleResult(out, torch.tensor(row.nfe), torch.tensor(row.draft_calls), torch.tensor(row.rounds),
+                            list(row.accepted), row.logprobs.clone() if self.return_logprobs else None,
+                            end - self.started)
+
+
+class Engine:
+    """Owns the model's passes and the exact cache. Not thread-safe: one thread drives it."""
+
+    def __init__(self, model, cache: bool = True):
+        self.model, self.use_cache = model, bool(cache)
+        self.device = model.device
+        self.handles: list[RowHandle] = []
+        self.cache: ContentCache | None = None
+        self.rel_table, self.table_span = None, 0
+        self.forward_seconds = self.step_seconds = 0.0  # for ``asarm bench``'s host-time column
+        self.passes = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.handles)
+
+    def add(self, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeConfig | None = None, *,
+            seed: int | None = None, row_index: int = 0, order="left-to-right",
+            on_round: Callable[[RoundEvent], None] | None = None, return_logprobs: bool = False) -> RowHandle:
+        """Queue one row ([L] ids and hidden mask) to be decoded from the next step on."""
+        config = config or DecodeConfig()
+        if config.cache != self.use_cache:
+            raise InputError(f"this engine runs with cache={self.use_cache}; the row asks for cache={config.cache}")
+        check_row(self.model, input_ids, masked)
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**62)
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        gen = torch.Generator().manual_seed(row_seed(seed, row_index))
+        hidden = masked.detach().cpu().bool()
+        tokens = input_ids.detach().cpu().long().clone()
+        row_order = decoding_order(hidden, order, gen)
+        tokens[hidden] = self.model.config.mask_token_id
+        cfg = self.model.config
+        row = Row(tokens, row_order, config, config.target(cfg.mask_token_id), gen, self.device, cfg.vocab_size, on_round)
+        handle = RowHandle(row, input_ids, return_logprobs)
+        if row.done:
+            handle.finished = time.perf_counter()
+            return handle
+        self._make_room(tokens.shape[0], config.max_k)
+        self.handles.append(handle)
+        return handle
+
+    def cancel(self, handle: RowHandle) -> None:
+        """Drop an active row now; its cache slots are freed."""
+        if handle in self.handles:
+            handle.cancelled = True
+            self._keep([h for h in self.handles if h is not handle])
+
+    def run(self) -> None:
+        while self.handles:
+            self.step()
+
+    def step(self) -> list[RowHandle]:
+        """One shared pass over every active row; returns the rows that finished in it."""
+        if not self.handles:
+            return []
+        start = time.perf_counter()
+        rows = [h.row for h in self.handles]
+        plans = [row.plan(self.use_cache) for row in rows]
+        logits = self._forward(plans)
+        outcomes = self._decide(rows, plans, logits)
+        kept = [row.advance(plan, out)[0] for row, plan, out in zip(rows, plans, outcomes)]
+        if self.cache is not None:
+            self.cache.commit(torch.tensor(kept))
+        finished = [h for h in self.handles if h.row.done]
+        if finished:
+            now = time.perf_counter()
+            for h in finished:
+                h.finished = now
+            self._keep([h for h in self.handles if not h.row.done])
+        self._sync()
+        self.step_seconds += time.perf_counter() - start
+        self.passes += 1
+        return finished
+
+    # --- the pass -------------------------------------------------------------------------------
+    def _forward(self, plans: list[Plan]) -> torch.Tensor:
+        B = len(plans)
+        N = max(1, max(len(p.contents) for p in plans))
+        Q = max(len(p.queries) for p in plans)
+        content = torch.zeros(B, N, 3, dtype=torch.long)
+        content[:, :, 2] = NO_KEY
+        query = torch.zeros(B, Q, 2, dtype=torch.long)
+        for b, plan in enumerate(plans):
+            if plan.contents:
+                content[b, : len(plan.contents)] = torch.tensor(plan.contents, dtype=torch.long)
+            query[b, : len(plan.queries)] = torch.tensor(plan.queries, dtype=torch.long)
+        content, query = content.to(self.device), query.to(self.device)
+        self._sync()
+        start = time.perf_counter()
+        logits = self.model.forward_rows(content[..., 1], content[..., 0], content[..., 2], query[..., 0],
+                                         query[..., 1], cache=self.cache, rel_table=self.rel_table)
+        self._sync()
+        self.forward_seconds += time.perf_counter() - start
+        return logits
+
+    def _target_probs(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """[B, Q, V] float64 target probabilities; rows with different options in groups."""
+        targets = [row.target for row in rows]
+        if all(t == targets[0] for t in targets):
+            return targets[0].probs(logits)
+        probs = torch.empty(logits.shape, dtype=torch.float64, device=logits.device)
+        for t in dict.fromkeys(targets):
+            idx = torch.tensor([b for b, u in enumerate(targets) if u == t], device=logits.device)
+            probs[idx] = t.probs(logits[idx])
+        return probs
+
+    def _decide(self, rows: list[Row], plans: list[Plan], logits: torch.Tensor) -> list[Outcome]:
+        """Draws and verification for the whole batch, on the model's device."""
+        B, Q, V = logits.shape
+        probs = self._target_probs(rows, logits)
+        K = max((len(p.target_rows) for p in plans), default=0)
+        u_draw = torch.zeros(B, Q, dtype=torch.float64)
+        u_accept = torch.zeros(B, max(K, 1), dtype=torch.float64)
+        u_next = torch.zeros(B, dtype=torch.float64)
+        for b, (row, plan) in enumerate(zip(rows, plans)):
+            u = row.uniforms(plan, len(plan.target_rows))
+            nq = len(plan.queries)
+            u_draw[b, :nq], u_accept[b, : len(plan.target_rows)], u_next[b] = u[:nq], u[nq:-1], u[-1]
+        u_draw = u_draw.to(self.device)
+        drawn = draw(probs, u_draw)
+        drawn_prob = probs.gather(-1, drawn[..., None]).squeeze(-1)
+        host = [drawn.double(), drawn_prob]
+        verifying = [b for b, p in enumerate(plans) if p.kind == "verify"]
+        if verifying:
+            host += self._verify(rows, plans, probs, u_accept, u_next, K)
+        host = torch.cat([h.reshape(B, -1) for h in host], dim=1).cpu().tolist()
+        outcomes = []
+        for b, plan in enumerate(plans):
+            vals = host[b]
+            out = Outcome([int(t) for t in vals[:Q]], vals[Q : 2 * Q], probs[b, : len(plan.queries)])
+            if plan.kind == "verify":
+                rest = vals[2 * Q :]
+                out.n_accepted, out.next_token, out.next_prob = int(rest[0]), int(rest[1]), rest[2]
+                out.draft_prob = rest[3 : 3 + len(plan.target_rows)]
+            outcomes.append(out)
+        return outcomes
+
+    def _verify(self, rows, plans, probs, u_accept, u_next, K) -> list[torch.Tensor]:
+        B, Q, V = probs.shape
+        dev = self.device
+        tokens = torch.zeros(B, K, dtype=torch.long)
+        n_drafts = torch.zeros(B, dtype=torch.long)
+        rows_of_target = torch.zeros(B, K, dtype=torch.long)
+        exact = torch.zeros(B, K, dtype=torch.bool)
+        bonus_row = torch.zeros(B, dtype=torch.long)
+        has_bonus = torch.zeros(B, dtype=torch.bool)
+        draft_probs = torch.zeros(B, K, V, dtype=torch.float64, device=dev)
+        for b, (row, plan) in enumerate(zip(rows, plans)):
+            if plan.kind != "verify":
+                continue
+            n = len(plan.target_rows)
+            tokens[b, :n] = torch.tensor(row.block.tokens)
+            n_drafts[b] = n
+            rows_of_target[b, :n] = torch.tensor(plan.target_rows).clamp(min=0)
+            exact[b, :n] = torch.tensor(plan.target_rows) < 0
+            bonus_row[b], has_bonus[b] = max(plan.bonus_row, 0), plan.bonus_row >= 0
+            draft_probs[b, :n] = row.block.probs
+        tokens, n_drafts, exact, has_bonus = tokens.to(dev), n_drafts.to(dev), exact.to(dev), has_bonus.to(dev)
+        index = rows_of_target.to(dev)[..., None].expand(B, K, V)
+        target_probs = torch.where(exact[..., None], draft_probs, probs.gather(1, index))
+        bonus = probs.gather(1, bonus_row.to(dev)[:, None, None].expand(B, 1, V)).squeeze(1)
+        verdict = verify(tokens, draft_probs, target_probs, n_drafts, u_accept.to(dev), u_next.to(dev),
+                         bonus_probs=bonus, has_bonus=has_bonus)
+        draft_prob = target_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        return [verdict.n_accepted.double(), verdict.next_token.double(), verdict.next_prob, draft_prob]
+
+    # --- membership and memory -------------------------------------------------------------------
+    def _make_room(self, length: int, max_k: int) -> None:
+        """Grow the relative-position table and the cache so one more row of ``length`` fits."""
+        if length > self.table_span:
+            self.table_span = max(length, 2 * self.table_span)
+            self.rel_table = self.model.relative_table(self.table_span)
+        if self.use_cache:
+            capacity = length + max_k + 2
+            if self.cache is None:
+                self.cache = ContentCache(self.model, 0, capacity)
+            self.cache.add_rows(1, capacity)
+
+    def _keep(self, handles: list[RowHandle]) -> None:
+        if self.cache is not None:
+            index = [i for i, h in enumerate(self.handles) if h in handles]
+            self.cache.select_rows(torch.tensor(index, dtype=torch.long, device=self.device))
+        self.handles = handles
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,207 @@
+"""One sequence's sampling state, and the plan of its next pass.
+
+A row knows its tokens, its decoding order (ranks fixed for the whole run: decoded token i has
+rank i, visible tokens rank 0), ``n`` tokens decoded so far, the content rows not yet in the
+cache (``pending``), its drafts (``block``) and its own random generator. ``plan`` says what
+the next shared pass must compute for it; ``advance`` takes that pass's outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+
+from .proposers import Block, Drawn, make_proposer, next_k
+
+
+class Content(NamedTuple):
+    pos: int
+    token: int
+    rank: int
+
+
+class Query(NamedTuple):
+    pos: int
+    rank: int
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one pass computes for one row, and how to read its outcome."""
+
+    kind: str  # "sequential" | "draft" | "verify"
+    contents: list[Content]
+    queries: list[Query]
+    n_pending: int = 0  # leading contents committed to the cache whatever happens
+    n_draft_contents: int = 0  # drafts written as contents: committed up to the accepted count
+    target_rows: list[int] = dataclasses.field(default_factory=list)  # verify: query row of each draft (-1: exact)
+    bonus_row: int = -1  # verify: the query after the block, seeing every draft
+    n_lookahead: int = 0  # verify: proposal queries after the bonus query
+
+
+@dataclasses.dataclass
+class RoundEvent:
+    """What a row's ``on_round`` callback receives after each of its rounds."""
+
+    positions: list[int]  # filled this round, in decoding order
+    tokens: list[int]
+    round: int  # 1-based
+    nfe: int  # passes this row has used so far
+    resampled: int | None  # position whose draft was rejected and redrawn from the residual
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One row's share of a pass's decisions (host values, plus device views of its queries)."""
+
+    drawn: list[int]  # a draw from every query row's target distribution
+    drawn_prob: list[float]
+    probs: torch.Tensor  # [Q_row, V] the query rows' target distributions (device)
+    n_accepted: int = 0
+    next_token: int = -1  # replacement at the first rejection, or the bonus token, or -1
+    next_prob: float = 0.0
+    draft_prob: list[float] = dataclasses.field(default_factory=list)  # target prob of each draft
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """What ``sample`` returns. Per-row fields are tensors/lists of length B ([L] input: B = 1,
+    and the fields are squeezed to scalars / one list)."""
+
+    input_ids: torch.Tensor
+    nfe: torch.Tensor  # network passes per row (draft passes included)
+    draft_calls: torch.Tensor  # draft proposals per row: self-draft passes, or n-gram calls (not passes)
+    rounds: torch.Tensor
+    accepted: list  # tokens produced per round, per row
+    token_logprobs: torch.Tensor | None  # with return_logprobs: target-chain log-prob per sampled token, 0 elsewhere
+    elapsed: float
+
+    @property
+    def tokens_per_round(self) -> float:
+        rows = self.accepted if self.accepted and isinstance(self.accepted[0], list) else [self.accepted]
+        counts = [c for row in rows for c in row]
+        return sum(counts) / len(counts) if counts else 0.0
+
+
+class Row:
+    def __init__(self, tokens, order, config, target, generator, device, vocab_size, on_round=None):
+        self.tokens = tokens  # [L] CPU long; hidden positions hold the mask token until decoded
+        self.order = order.tolist()
+        self.m, self.n = len(self.order), 0
+        self.config, self.target, self.generator = config, target, generator
+        self.device, self.vocab_size = device, vocab_size
+        self.on_round = on_round
+        self.known = torch.ones(tokens.shape[0], dtype=torch.bool)
+        self.known[order] = False
+        self.visible = torch.nonzero(self.known).flatten().tolist()
+        self.pending = [Content(p, int(tokens[p]), 0) for p in self.visible]
+        self.k = config.k
+        self.block: Block | None = None
+        self.nfe = self.draft_calls = self.rounds = 0
+        self.accepted: list[int] = []
+        self.logprobs = torch.zeros(tokens.shape[0], dtype=torch.float64)
+        self.proposer = make_proposer(self, config) if config.method == "assd" else None
+
+    @property
+    def done(self) -> bool:
+        return self.n >= self.m
+
+    def known_contents(self) -> list[Content]:
+        """Every known token with its rank: the content rows of a full-recompute pass."""
+        decoded = [Content(p, int(self.tokens[p]), i + 1) for i, p in enumerate(self.order[: self.n])]
+        return [Content(p, int(self.tokens[p]), 0) for p in self.visible] + decoded
+
+    # --- planning -----------------------------------------------------------------------------
+    def plan(self, cached: bool) -> Plan:
+        base = self.pending if cached else self.known_contents()
+        n, block = self.n, min(self.k, self.m - self.n)
+        if self.proposer is None:
+            return Plan("sequential", base, [Query(self.order[n], n + 1)], len(base))
+        if self.block is None:
+            queries = self.proposer.draft_queries(block)
+            if queries:
+                return Plan("draft", base, [Query(*q) for q in queries], len(base))
+            self.block = self.proposer.propose(block, None)
+            self.draft_calls += 1
+        return self._verify_plan(base)
+
+    def _verify_plan(self, base: list[Content]) -> Plan:
+        n, block, cfg = self.n, self.block, self.config
+        b = len(block)
+        has_next = n + b < self.m
+        extended = has_next and (cfg.bonus or cfg.one_pass)
+        n_contents = b if extended else b - 1
+        contents = [Content(self.order[n + i], block.tokens[i], n + 1 + i) for i in range(n_contents)]
+        queries, target_rows = [], []
+        for i in range(b):
+            exact = i == 0 and block.exact_first
+            target_rows.append(-1 if exact else len(queries))
+            if not exact:
+                queries.append(Query(self.order[n + i], n + 1 + i))
+        plan = Plan("verify", base + contents, queries, len(base), n_contents, target_rows)
+        if extended:
+            plan.bonus_row = len(queries)
+            queries.append(Query(self.order[n + b], n + b + 1))
+            plan.n_lookahead = min(self.proposer.lookahead(self.k), self.m - (n + b + 1))
+            queries += [Query(self.order[n + b + 1 + j], n + b + 1) for j in range(plan.n_lookahead)]
+        return plan
+
+    def uniforms(self, plan: Plan, n_accept: int) -> torch.Tensor:
+        """This row's uniforms for a pass: one per query row, one per verified draft, one for
+        the replacement/bonus draw. Drawn from the row's own generator, so a row's tokens do
+        not depend on the batch it runs in."""
+        return torch.rand(len(plan.queries) + n_accept + 1, generator=self.generator, dtype=torch.float64)
+
+    # --- the pass's outcome --------------------------------------------------------------------
+    def advance(self, plan: Plan, out: Outcome) -> tuple[int, list[int]]:
+        """Returns (how many of the pass's new content rows to commit, positions decoded)."""
+        self.nfe += 1
+        if plan.kind == "sequential":
+            return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
+        if plan.kind == "draft":
+            self.draft_calls += 1
+            self.block = self.proposer.propose(len(plan.queries), Drawn(out.drawn, out.probs))
+            self.pending = []
+            if len(self.block) == 1:  # one position left: its draft is the exact conditional
+                self.block = None
+                return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
+            return plan.n_pending, []
+        return self._after_verify(plan, out)
+
+    def _after_verify(self, plan: Plan, out: Outcome) -> tuple[int, list[int]]:
+        block, self.block = self.block, None
+        j = out.n_accepted
+        tokens, probs = block.tokens[:j], out.draft_prob[:j]
+        rejected = j < len(block)
+        if out.next_token >= 0:
+            tokens, probs = tokens + [out.next_token], probs + [out.next_prob]
+        commit = plan.n_pending + min(j, plan.n_draft_contents)
+        self.k = next_k(self.config, self.k, not rejected)
+        positions = self._decode(tokens, probs, self.order[self.n + j] if rejected else None)
+        if not self.done:  # one-pass rounds: this pass also proposed the next block
+            start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
+            extra = Drawn(out.drawn[start:], out.probs[start:])
+            rows = plan.target_rows[j + 1 :] if rejected else []
+            checked = Drawn([out.drawn[r] for r in rows], out.probs[rows])
+            self.block = self.proposer.carry(block.tail(j + 1) if rejected else None, checked, extra)
+        return commit, positions
+
+    def _decode(self, tokens: list[int], probs: list[float], resampled: int | None = None) -> list[int]:
+        """Record tokens for the next positions of the order; the last one's content is pending."""
+        positions = self.order[self.n : self.n + len(tokens)]
+        for pos, tok, p in zip(positions, tokens, probs):
+            self.tokens[pos] = tok
+            self.logprobs[pos] = math.log(p) if p > 0 else -math.inf
+            self.known[pos] = True
+        self.n += len(tokens)
+        self.pending = [Content(positions[-1], tokens[-1], self.n)]
+        if self.proposer is not None:
+            self.proposer.observe(positions)
+        self.rounds += 1
+        self.accepted.append(len(tokens))
+        if self.on_round is not None:
+            self.on_round(RoundEvent(positions, list(tokens), self.rounds, self.nfe, resampled))
+        return positions

@@ -1,0 +1,79 @@
+"""The target distribution of a chain factor, and exact drawing from distributions.
+
+Everything here runs where the logits are (CPU or GPU), batched over any leading dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetDistribution:
+    """Turns logits into the target distribution: identical for drafts and oracle, which is
+    what keeps ASSD exact under temperature, truncation and greedy decoding.
+
+    Order of operations: excluded tokens (the mask token, ``suppress``) get -inf before the
+    softmax; the maximum is subtracted *before* dividing by the temperature, so any T > 0 is
+    finite (a tiny T gives the uniform distribution over the tied maxima, the T -> 0 limit,
+    never NaN); then top-k, then top-p. Greedy is a one-hot at the first maximum."""
+
+    mask_token_id: int
+    temperature: float = 1.0
+    greedy: bool = False
+    top_k: int | None = None
+    top_p: float | None = None
+    suppress: tuple[int, ...] = ()
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Final (log-)weights, float64 (a temperature as small as 1e-300 stays finite),
+        -inf where a token is excluded."""
+        x = logits.to(torch.float64, copy=True)
+        x[..., self.mask_token_id] = -math.inf
+        if self.suppress:
+            x[..., list(self.suppress)] = -math.inf
+        if self.greedy:
+            best = x.argmax(-1, keepdim=True)
+            return torch.full_like(x, -math.inf).scatter_(-1, best, 0.0)
+        x = (x - x.amax(-1, keepdim=True)) / self.temperature
+        if self.top_k is not None and self.top_k < x.shape[-1]:
+            kth = torch.topk(x, self.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, -math.inf)
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_x, idx = torch.sort(x, dim=-1, descending=True)
+            p = torch.softmax(sorted_x, -1)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            drop_sorted = (p.cumsum(-1) - p) >= self.top_p
+            x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted), -math.inf)
+        return x
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities in float64 (what drawing and acceptance work with)."""
+        return torch.softmax(self.logits(logits), dim=-1)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Tokens from (unnormalised, non-negative) distributions ``probs`` [..., V] by inverse CDF
+    with uniforms ``u`` [...] in [0, 1): token i is drawn iff cdf[i-1] <= u * total < cdf[i].
+
+    A zero-probability token has cdf[i] == cdf[i-1] and can never be drawn; if rounding puts
+    u * total at the total, the last token with mass is taken. float64 cumulative sums keep the
+    rounding far below what the statistical tests can see."""
+    cdf = probs.double().cumsum(-1)
+    x = u.to(cdf)[..., None] * cdf[..., -1:]
+    index = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    vocab = probs.shape[-1]
+    last_with_mass = vocab - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(index, last_with_mass)
+
+
+def residual(target: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
+    """Where a rejected draft's replacement is drawn from: normalize(max(0, target - proposal))
+    (``draw`` normalises). Rows without residual mass (proposal == target) fall back to the
+    target; no draft is ever rejected there, so the fallback is never used for a real draw."""
+    rest = (target - proposal).clamp(min=0.0)
+    empty = rest.sum(-1, keepdim=True) <= 0
+    return torch.where(empty, target, rest)
