@@ -22,17 +22,6 @@ def shipped_model():
     return _MODEL
 
 
-def adapter_for(model):
-    """The real engine adapter; until asarm.sampling.Engine lands on main, a temporary stand-in."""
-    from asarm import sampling
-
-    if hasattr(sampling, "Engine"):
-        return None
-    from serve_fake_engine import FakeAdapter
-
-    return FakeAdapter(model)
-
-
 @contextlib.contextmanager
 def running_server(model=None, **options):
     """Yields the base URL of a server for ``create_app(model, **options)``; stops it after."""
@@ -42,8 +31,6 @@ def running_server(model=None, **options):
 
     model = model or shipped_model()
     options.setdefault("model_name", "asarm-en-small")
-    if "adapter" not in options:
-        options["adapter"] = adapter_for(model)
     app = create_app(model, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=5))

@@ -17,8 +17,6 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from serve_util import running_server, shipped_model, sse_events  # noqa: E402
 
 PROMPT = "The old man walked to the"
-# TEMPORARY: until the engine lands, tests that catch a row between passes cannot run
-needs_engine = pytest.mark.skipif(not hasattr(asarm.sampling, "Engine"), reason="needs asarm.sampling.Engine")
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +162,10 @@ def test_32_concurrent_same_seed_same_output(server):
     assert [a.status_code for a in answers] == [200] * 32
     assert [a.json()["choices"][0]["text"] for a in answers] == alone
     assert len({a.json()["id"] for a in answers}) == 32
-    from asarm import sampling
-
-    if hasattr(sampling, "Engine"):  # the real engine really batched them: some pass had > 1 row
-        after = httpx.get(url + "/metrics").text
-        assert _bucket(after, "asarm_batch_size_bucket", "1.0") - _bucket(metrics_before, "asarm_batch_size_bucket", "1.0") \
-            < _count(after, "asarm_batch_size_count") - _count(metrics_before, "asarm_batch_size_count")
+    # and they really were batched: some pass had more than one row
+    after = httpx.get(url + "/metrics").text
+    assert _bucket(after, "asarm_batch_size_bucket", "1.0") - _bucket(metrics_before, "asarm_batch_size_bucket", "1.0") \
+        < _count(after, "asarm_batch_size_count") - _count(metrics_before, "asarm_batch_size_count")
 
 
 def _bucket(text, name, le):
@@ -275,7 +271,6 @@ def _wait(predicate, timeout=20.0):
     return False
 
 
-@needs_engine
 def test_disconnect_frees_the_row():
     with running_server(pass_delay=0.1) as (url, _):
         req = {"prompt": "Once", "max_tokens": 100, "method": "sequential", "stream": True, "seed": 0}
@@ -295,7 +290,6 @@ def test_disconnect_frees_the_row():
         assert _wait(lambda: _count(httpx.get(url + "/metrics").text, "asarm_rows_cancelled_total") == 2, timeout=5)
 
 
-@needs_engine
 def test_request_timeout():
     with running_server(pass_delay=0.1, request_timeout=0.5) as (url, _):
         req = {"prompt": "Once", "max_tokens": 60, "method": "sequential", "seed": 0}

@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
-import asarm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_util import sse_events  # noqa: E402
@@ -29,7 +26,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not hasattr(asarm.sampling, "Engine"), reason="TEMPORARY: needs asarm.sampling.Engine")
 def test_sigterm_finishes_in_flight_and_exits_0():
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
