@@ -95,8 +95,9 @@ def length_probabilities(model, left_ids: list[int], right_ids: list[int], lengt
     except ImportError:
         raise InputError("this build cannot choose hole lengths (asarm.lengths is missing): give the "
                          'length, e.g. [MASK:8], or "hole_length": 8 with a suffix') from None
-    probs = length_posterior(model, torch.tensor(left_ids, dtype=torch.long),
-                             torch.tensor(right_ids, dtype=torch.long), lengths=lengths)
+    with torch.no_grad():
+        probs = length_posterior(model, torch.tensor(left_ids, dtype=torch.long),
+                                 torch.tensor(right_ids, dtype=torch.long), lengths=lengths)
     return [float(p) for p in probs]
 
 
