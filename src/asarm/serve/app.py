@@ -178,6 +178,8 @@ class FieldError(InputError):
 
 
 def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
+    api = Api(state, adapter)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": state.model_name, "active_rows": state.loop.adapter.active,
@@ -199,62 +201,71 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await guarded(request, CompletionRequest, _completions)
+        return await api.guarded(request, CompletionRequest, api.completions)
 
     @app.post("/v1/infill")
     async def infill(request: Request):
-        return await guarded(request, InfillRequest, _infill)
+        return await api.guarded(request, InfillRequest, api.infill)
 
     @app.post("/v1/score")
     async def score(request: Request):
-        return await guarded(request, ScoreRequest, _score)
+        return await api.guarded(request, ScoreRequest, api.score)
 
-    async def guarded(request, schema, handler):
+
+class Api:
+    """The POST routes: parse and check a body, queue its job, answer whole or as a stream."""
+
+    def __init__(self, state: ServerState, adapter):
+        self.state, self.adapter = state, adapter
+
+    async def guarded(self, request, schema, handler):
         try:
-            body = await parse_body(request, schema, state)
+            body = await parse_body(request, schema, self.state)
             return await handler(request, body)
         except (ASARMError, ModelNotFound, QueueFull, ShuttingDown, RequestTimeout) as exc:
             return error_response(exc, getattr(exc, "param", None))
         except ClientGone:
             return Response(status_code=499)
 
-    def submit(n_rows: int, prepare, rounds: bool = False) -> Job:
+    def submit(self, n_rows: int, prepare, rounds: bool = False) -> Job:
         job = Job(n_rows, prepare, Channel(), rounds=rounds)
         try:
-            state.loop.submit(job)
+            self.state.loop.submit(job)
         except QueueFull as exc:
-            exc.retry_after = state.loop.retry_after
+            exc.retry_after = self.state.loop.retry_after
             raise
         return job
 
-    def generation_job(body, parts) -> Job:
+    def generation_job(self, body, parts) -> Job:
+        state = self.state
         if body.n > state.loop.max_batch:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
-        config = adapter.make_config(body.decode_options())
+        config = self.adapter.make_config(body.decode_options())
         seeds = H.seeds_for(body)
-        return submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length),
-                      rounds=body.stream)
+        return self.submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length),
+                           rounds=body.stream)
 
-    async def _completions(request, body: CompletionRequest):
-        parts = H.completion_parts(state.tokenizer, body, state.max_length)
-        job = generation_job(body, parts)
-        run = CompletionRun(state, body, job, suffix=body.suffix is not None)
+    async def completions(self, request, body: CompletionRequest):
+        parts = H.completion_parts(self.state.tokenizer, body, self.state.max_length)
+        job = self.generation_job(body, parts)
+        run = CompletionRun(self.state, body, job, suffix=body.suffix is not None)
         if body.stream:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
-    async def _infill(request, body: InfillRequest):
-        max_hole = min(body.max_hole, state.max_length)
-        parts = encode_parts(state.tokenizer, parse_holes(body.text, max_hole), state.max_length)
-        job = generation_job(body, parts)
-        run = InfillRun(state, body, job)
+    async def infill(self, request, body: InfillRequest):
+        max_length = self.state.max_length
+        parts = encode_parts(self.state.tokenizer, parse_holes(body.text, min(body.max_hole, max_length)), max_length)
+        job = self.generation_job(body, parts)
+        run = InfillRun(self.state, body, job)
         if body.stream:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
-    async def _score(request, body: ScoreRequest):
+    async def score(self, request, body: ScoreRequest):
         from ..scoring import parse_scored_text, score
 
+        state = self.state
         ids, hidden = parse_scored_text(state.tokenizer, body.text)
         if len(ids) > state.max_length:
             raise InputError(f"the text is {len(ids)} tokens, more than the model's maximum length of {state.max_length}")
@@ -265,7 +276,7 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
             return [], score(state.model, ids, hidden, order=body.order, seed=body.seed,
                              temperature=body.temperature)
 
-        job = submit(0, prepare)
+        job = self.submit(0, prepare)
         return await collect(request, job, score_answer(state, ids, hidden, job))
 
 
