@@ -25,7 +25,7 @@ import torch
 
 import asarm
 from asarm.evaluation import wikitext
-from asarm.sampling import proposers
+from asarm.sampling import draw, proposers
 from asarm.sampling.proposers import Block, OnePassDraft
 
 
@@ -38,7 +38,8 @@ class RedrawAfterRejection(OnePassDraft):
     def carry(self, leftover, checked, extra):
         if leftover is None:
             return super().carry(leftover, checked, extra)
-        redrawn = Block(checked.tokens, checked.probs)
+        u = torch.rand(len(checked), generator=self.row.generator, dtype=torch.float64)
+        redrawn = Block(draw(checked, u.to(checked.device)).tolist(), checked)
         return super().carry(redrawn, checked, extra)
 
 

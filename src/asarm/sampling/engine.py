@@ -156,7 +156,7 @@ class Engine:
         return logits
 
     def _target_probs(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """[B, Q, V] float64 target probabilities; rows with different options in groups."""
+        """[B, Q, V] target probabilities; rows with different options are done in groups."""
         targets = [row.target for row in rows]
         if all(t == targets[0] for t in targets):
             return targets[0].probs(logits)
@@ -174,16 +174,23 @@ class Engine:
         u_draw = torch.zeros(B, Q, dtype=torch.float64)
         u_accept = torch.zeros(B, max(K, 1), dtype=torch.float64)
         u_next = torch.zeros(B, dtype=torch.float64)
+        need_draw = []  # flat indices of the query rows whose draw is used
         for b, (row, plan) in enumerate(zip(rows, plans)):
             u = row.uniforms(plan, len(plan.target_rows))
             nq = len(plan.queries)
             u_draw[b, :nq], u_accept[b, : len(plan.target_rows)], u_next[b] = u[:nq], u[nq:-1], u[-1]
-        u_draw = u_draw.to(self.device)
-        drawn = draw(probs, u_draw)
-        drawn_prob = probs.gather(-1, drawn[..., None]).squeeze(-1)
-        host = [drawn.double(), drawn_prob]
-        verifying = [b for b, p in enumerate(plans) if p.kind == "verify"]
-        if verifying:
+            first = 0 if plan.kind != "verify" else (plan.bonus_row if plan.bonus_row >= 0 else nq)
+            need_draw += range(b * Q + first, b * Q + nq)
+        flat = torch.tensor(need_draw, dtype=torch.long, device=self.device)
+        all_rows = len(need_draw) == B * Q
+        chosen = probs.view(B * Q, V) if all_rows else probs.view(B * Q, V).index_select(0, flat)
+        tokens = draw(chosen, u_draw.view(-1).to(self.device).index_select(0, flat))
+        drawn = torch.full((B * Q,), -1, dtype=torch.float64, device=self.device)
+        drawn_prob = torch.zeros(B * Q, dtype=torch.float64, device=self.device)
+        drawn[flat] = tokens.double()
+        drawn_prob[flat] = chosen.gather(-1, tokens[:, None]).squeeze(-1).double()
+        host = [drawn.view(B, Q), drawn_prob.view(B, Q)]
+        if any(p.kind == "verify" for p in plans):
             host += self._verify(rows, plans, probs, u_accept, u_next, K)
         host = torch.cat([h.reshape(B, -1) for h in host], dim=1).cpu().tolist()
         outcomes = []
@@ -198,33 +205,35 @@ class Engine:
         return outcomes
 
     def _verify(self, rows, plans, probs, u_accept, u_next, K) -> list[torch.Tensor]:
+        """Pack the verifying rows' drafts and proposals for ``verify``; targets stay in place."""
         B, Q, V = probs.shape
         dev = self.device
         tokens = torch.zeros(B, K, dtype=torch.long)
         n_drafts = torch.zeros(B, dtype=torch.long)
-        rows_of_target = torch.zeros(B, K, dtype=torch.long)
+        target_rows = torch.zeros(B, K, dtype=torch.long)
         exact = torch.zeros(B, K, dtype=torch.bool)
         bonus_row = torch.zeros(B, dtype=torch.long)
         has_bonus = torch.zeros(B, dtype=torch.bool)
-        draft_probs = torch.zeros(B, K, V, dtype=torch.float64, device=dev)
+        # proposals keep the precision they were drawn with (n-gram proposals are float64)
+        dtype = max((row.block.probs.dtype for row, plan in zip(rows, plans) if plan.kind == "verify"),
+                    key=lambda t: torch.finfo(t).bits)
+        draft_probs = torch.zeros(B, K, V, dtype=dtype, device=dev)
         for b, (row, plan) in enumerate(zip(rows, plans)):
             if plan.kind != "verify":
                 continue
             n = len(plan.target_rows)
             tokens[b, :n] = torch.tensor(row.block.tokens)
             n_drafts[b] = n
-            rows_of_target[b, :n] = torch.tensor(plan.target_rows).clamp(min=0)
+            target_rows[b, :n] = torch.tensor(plan.target_rows).clamp(min=0)
             exact[b, :n] = torch.tensor(plan.target_rows) < 0
             bonus_row[b], has_bonus[b] = max(plan.bonus_row, 0), plan.bonus_row >= 0
             draft_probs[b, :n] = row.block.probs
-        tokens, n_drafts, exact, has_bonus = tokens.to(dev), n_drafts.to(dev), exact.to(dev), has_bonus.to(dev)
-        index = rows_of_target.to(dev)[..., None].expand(B, K, V)
-        target_probs = torch.where(exact[..., None], draft_probs, probs.gather(1, index))
         bonus = probs.gather(1, bonus_row.to(dev)[:, None, None].expand(B, 1, V)).squeeze(1)
-        verdict = verify(tokens, draft_probs, target_probs, n_drafts, u_accept.to(dev), u_next.to(dev),
-                         bonus_probs=bonus, has_bonus=has_bonus)
-        draft_prob = target_probs.gather(-1, tokens[..., None]).squeeze(-1)
-        return [verdict.n_accepted.double(), verdict.next_token.double(), verdict.next_prob, draft_prob]
+        verdict = verify(tokens.to(dev), draft_probs, probs, n_drafts.to(dev), u_accept.to(dev), u_next.to(dev),
+                         target_rows=target_rows.to(dev), exact=exact.to(dev), bonus_probs=bonus,
+                         has_bonus=has_bonus.to(dev))
+        return [verdict.n_accepted.double(), verdict.next_token.double(), verdict.next_prob,
+                verdict.draft_target_prob]
 
     # --- membership and memory -------------------------------------------------------------------
     def _make_room(self, length: int, max_k: int) -> None:

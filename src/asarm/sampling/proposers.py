@@ -58,10 +58,11 @@ class Proposer:
     def lookahead(self, block: int) -> int:
         return 0
 
-    def carry(self, leftover: Block | None, checked: Drawn, extra: Drawn) -> Block | None:
+    def carry(self, leftover: Block | None, checked: torch.Tensor, extra: Drawn) -> Block | None:
         """The next block from an oracle pass: ``leftover`` are the drafts after a rejection
-        (None after a full accept), ``checked`` the draws of their verification queries (which
-        saw the rejected draft), ``extra`` the draws of the bonus and lookahead queries."""
+        (None after a full accept), ``checked`` [len(leftover), V] the target distributions of
+        their verification queries (which saw the rejected draft), ``extra`` the draws of the
+        bonus and lookahead queries."""
         return None
 
     def observe(self, positions: list[int]) -> None:

@@ -57,7 +57,7 @@ class RoundEvent:
 class Outcome:
     """One row's share of a pass's decisions (host values, plus device views of its queries)."""
 
-    drawn: list[int]  # a draw from every query row's target distribution
+    drawn: list[int]  # a draw from each query row's target distribution (-1 where unused: verification rows)
     drawn_prob: list[float]
     probs: torch.Tensor  # [Q_row, V] the query rows' target distributions (device)
     n_accepted: int = 0
@@ -184,8 +184,7 @@ class Row:
         if not self.done:  # one-pass rounds: this pass also proposed the next block
             start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
             extra = Drawn(out.drawn[start:], out.probs[start:])
-            rows = plan.target_rows[j + 1 :] if rejected else []
-            checked = Drawn([out.drawn[r] for r in rows], out.probs[rows])
+            checked = out.probs[plan.target_rows[j + 1 :] if rejected else []]
             self.block = self.proposer.carry(block.tail(j + 1) if rejected else None, checked, extra)
         return commit, positions
 

@@ -29,16 +29,16 @@ class TargetDistribution:
     suppress: tuple[int, ...] = ()
 
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Final (log-)weights, float64 (a temperature as small as 1e-300 stays finite),
-        -inf where a token is excluded."""
-        x = logits.to(torch.float64, copy=True)
-        x[..., self.mask_token_id] = -math.inf
-        if self.suppress:
-            x[..., list(self.suppress)] = -math.inf
+        """Final (log-)weights, -inf where a token is excluded: float32, or float64 when the
+        temperature is below float32's range (so even T = 1e-300 stays finite)."""
+        dtype = torch.float64 if self.temperature < 1e-30 else torch.float32
+        excluded = torch.tensor((self.mask_token_id, *self.suppress), device=logits.device)
+        x = logits.to(dtype).index_fill(-1, excluded, -math.inf)  # a new tensor: edited in place below
         if self.greedy:
             best = x.argmax(-1, keepdim=True)
-            return torch.full_like(x, -math.inf).scatter_(-1, best, 0.0)
-        x = (x - x.amax(-1, keepdim=True)) / self.temperature
+            return x.fill_(-math.inf).scatter_(-1, best, 0.0)
+        if self.temperature != 1.0:
+            x.sub_(x.amax(-1, keepdim=True)).div_(self.temperature)
         if self.top_k is not None and self.top_k < x.shape[-1]:
             kth = torch.topk(x, self.top_k, dim=-1).values[..., -1:]
             x = x.masked_fill(x < kth, -math.inf)
@@ -51,7 +51,8 @@ class TargetDistribution:
         return x
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities in float64 (what drawing and acceptance work with)."""
+        """Probabilities (float32; float64 for tiny temperatures). Drawing and acceptance
+        convert the entries they use to float64."""
         return torch.softmax(self.logits(logits), dim=-1)
 
 
@@ -62,7 +63,7 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     A zero-probability token has cdf[i] == cdf[i-1] and can never be drawn; if rounding puts
     u * total at the total, the last token with mass is taken. float64 cumulative sums keep the
     rounding far below what the statistical tests can see."""
-    cdf = probs.double().cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
     x = u.to(cdf)[..., None] * cdf[..., -1:]
     index = torch.searchsorted(cdf, x, right=True).squeeze(-1)
     vocab = probs.shape[-1]
