@@ -226,6 +226,9 @@ class Api:
             return error_response(exc, getattr(exc, "param", None))
         except ClientGone:
             return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - a bug (ours or the engine's): logged once, a 500
+            log.error("%s failed", request.url.path, exc_info=exc)
+            return error_response(exc)
 
     def submit(self, n_rows: int, prepare, rounds: bool = False) -> Job:
         job = Job(n_rows, prepare, Channel(), rounds=rounds)
