@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
     "quantize": ("quantize_cli", "write a weight-only int8 copy of a model (loads with load_model)"),
+    "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
 }
 
 

@@ -78,7 +78,7 @@ def run_from_args(args, model=None) -> dict:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if model is None:
-        from ..cli import load_cli_model
+        from ..cli_args import load_cli_model
 
         local_rank = os.environ.get("LOCAL_RANK")
         if args.shard is None and args.device is None and local_rank is not None and torch.cuda.is_available():

@@ -1,0 +1,499 @@
+"""The HTTP app: OpenAI-compatible routes, errors in OpenAI's shape, API key, metrics, playground.
+
+``create_app(model, ...)`` builds it; the engine loop starts and stops with the app's lifespan,
+which uvicorn runs after it has drained in-flight requests on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ASARMError, InputError
+from . import handlers as H
+from .holes import encode_parts, parse_holes
+from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
+from .metrics import Metrics
+from .schemas import CompletionRequest, InfillRequest, ScoreRequest
+
+log = logging.getLogger("asarm.serve")
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 1_000_000
+PUBLIC = ("/health", "/", "/favicon.ico")  # the page is static; every API route needs the key
+ENDPOINTS = {"/v1/completions", "/v1/infill", "/v1/score", "/v1/models", "/health", "/metrics", "/"}
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def error_response(exc: Exception, param: str | None = None) -> JSONResponse:
+    """OpenAI's error object; the message is one line and never a traceback."""
+    status, kind, headers, message = 500, "server_error", None, "internal server error"
+    if isinstance(exc, ASARMError):
+        status, kind, message = 400, "invalid_request_error", str(exc)
+    elif isinstance(exc, ModelNotFound):
+        status, kind, message = 404, "invalid_request_error", str(exc)
+    elif isinstance(exc, QueueFull):
+        status, kind, message = 429, "rate_limit_error", f"{exc}; retry later"
+        headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
+    elif isinstance(exc, ShuttingDown):
+        status, kind, message = 503, "server_error", str(exc)
+    elif isinstance(exc, RequestTimeout):
+        status, kind, message = 504, "timeout_error", str(exc)
+    elif isinstance(exc, StarletteHTTPException):
+        status, kind, message = exc.status_code, "invalid_request_error", str(exc.detail)
+    body = {"error": {"message": message.splitlines()[0] if message else kind, "type": kind,
+                      "param": param, "code": getattr(exc, "code", None)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_event(exc: Exception) -> bytes:
+    return H.sse(json.loads(error_response(exc).body))
+
+
+class ServerState:
+    def __init__(self, model, model_name, loop, metrics, api_key, request_timeout):
+        self.model, self.model_name, self.loop, self.metrics = model, model_name, loop, metrics
+        self.tokenizer = model.tokenizer
+        self.max_length = int(getattr(model.config, "max_length", None) or 512)
+        self.api_key, self.request_timeout = api_key, request_timeout
+        self.started = time.time()
+
+
+def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_queue: int = 256,
+               api_key: str | None = None, request_timeout: float = 120.0, adapter=None,
+               pass_delay: float = 0.0) -> FastAPI:
+    if getattr(model, "tokenizer", None) is None:
+        raise InputError("the server needs a model with a tokenizer (its checkpoint has no tokenizer files)")
+    if adapter is None:
+        from .engine import EngineAdapter
+
+        adapter = EngineAdapter(model)
+    metrics = Metrics()
+    loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay)
+    state = ServerState(model, model_name, loop, metrics, api_key, request_timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        yield
+        await asyncio.to_thread(loop.stop)
+
+    app = FastAPI(title="asarm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.asarm = state
+    app.add_middleware(Gate, state=state)
+    app.add_exception_handler(StarletteHTTPException, _handle)
+    app.add_exception_handler(Exception, _handle)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_routes(app, state, adapter)
+    return app
+
+
+async def _handle(request, exc):
+    if not isinstance(exc, StarletteHTTPException):
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return error_response(exc)
+
+
+class Gate:
+    """ASGI middleware: the API key (all routes but the public ones) and per-request metrics
+    (status and time to the LAST byte, so streams are timed whole)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, start, status = scope["path"], time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.state.api_key and not self._public(path) and not self._authorized(scope):
+                exc = StarletteHTTPException(401, "invalid or missing API key: send 'Authorization: Bearer KEY'")
+                return await error_response(exc)(scope, receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            endpoint = path if path in ENDPOINTS else "other"
+            self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.state.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    @staticmethod
+    def _public(path: str) -> bool:
+        return path in PUBLIC or path.startswith("/static/")
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope["headers"])
+        got = headers.get(b"authorization", b"").decode("latin-1")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.state.api_key}".encode())
+
+
+async def parse_body(request: Request, schema, state: ServerState):
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise InputError(f"the request body is larger than {MAX_BODY} bytes")
+    try:
+        body = schema.model_validate_json(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        if err["type"] == "json_invalid" or not raw.strip():
+            raise InputError("the request body is not valid JSON") from None
+        if err["type"] == "model_type":
+            raise InputError("the request body must be a JSON object") from None
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise FieldError(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+    if body.model is not None and body.model != state.model_name:
+        raise ModelNotFound(f"the model {body.model!r} is not served here; this server serves {state.model_name!r}")
+    return body
+
+
+class FieldError(InputError):
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
+
+
+def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
+    api = Api(state, adapter)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": state.model_name, "active_rows": state.loop.adapter.active,
+                "queue_depth": state.loop.queue_depth}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                            "created": int(state.started), "owned_by": "asarm",
+                                            "max_length": state.max_length}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def playground():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await api.guarded(request, CompletionRequest, api.completions)
+
+    @app.post("/v1/infill")
+    async def infill(request: Request):
+        return await api.guarded(request, InfillRequest, api.infill)
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        return await api.guarded(request, ScoreRequest, api.score)
+
+
+class Api:
+    """The POST routes: parse and check a body, queue its job, answer whole or as a stream."""
+
+    def __init__(self, state: ServerState, adapter):
+        self.state, self.adapter = state, adapter
+
+    async def guarded(self, request, schema, handler):
+        try:
+            body = await parse_body(request, schema, self.state)
+            return await handler(request, body)
+        except (ASARMError, ModelNotFound, QueueFull, ShuttingDown, RequestTimeout) as exc:
+            return error_response(exc, getattr(exc, "param", None))
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - a bug (ours or the engine's): logged once, a 500
+            log.error("%s failed", request.url.path, exc_info=exc)
+            return error_response(exc)
+
+    def submit(self, n_rows: int, prepare, rounds: bool = False) -> Job:
+        job = Job(n_rows, prepare, Channel(), rounds=rounds)
+        try:
+            self.state.loop.submit(job)
+        except QueueFull as exc:
+            exc.retry_after = self.state.loop.retry_after
+            raise
+        return job
+
+    def generation_job(self, body, parts) -> Job:
+        state = self.state
+        if body.n > state.loop.max_batch:
+            raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
+        config = self.adapter.make_config(body.decode_options())
+        seeds = H.seeds_for(body)
+        return self.submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length),
+                           rounds=body.stream)
+
+    async def completions(self, request, body: CompletionRequest):
+        parts = H.completion_parts(self.state.tokenizer, body, self.state.max_length)
+        job = self.generation_job(body, parts)
+        run = CompletionRun(self.state, body, job, suffix=body.suffix is not None)
+        if body.stream:
+            return await stream_response(request, job, run)
+        return await collect(request, job, run.answer())
+
+    async def infill(self, request, body: InfillRequest):
+        max_length = self.state.max_length
+        parts = encode_parts(self.state.tokenizer, parse_holes(body.text, min(body.max_hole, max_length)), max_length)
+        job = self.generation_job(body, parts)
+        run = InfillRun(self.state, body, job)
+        if body.stream:
+            return await stream_response(request, job, run)
+        return await collect(request, job, run.answer())
+
+    async def score(self, request, body: ScoreRequest):
+        from ..scoring import parse_scored_text, score
+
+        state = self.state
+        ids, hidden = parse_scored_text(state.tokenizer, body.text)
+        if len(ids) > state.max_length:
+            raise InputError(f"the text is {len(ids)} tokens, more than the model's maximum length of {state.max_length}")
+        if len(ids) == 0:
+            raise InputError("nothing to score: the text has no tokens")
+
+        def prepare():
+            return [], score(state.model, ids, hidden, order=body.order, seed=body.seed,
+                             temperature=body.temperature)
+
+        job = self.submit(0, prepare)
+        return await collect(request, job, score_answer(state, ids, hidden, job))
+
+
+async def stream_response(request: Request, job: Job, run) -> StreamingResponse:
+    """Headers go out once the job has started (its rows are in the batch), so an error found
+    while preparing it (e.g. no hole length fits) is still a plain 4xx, not an event."""
+    gen = events(run.state, job)
+    first = await collect(request, job, gen.__anext__())  # a client gone while queued cancels it
+    return StreamingResponse(run.stream(first, gen), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def events(state: ServerState, job: Job):
+    """A job's events until its end; on timeout, error, or the consumer going away, the job is
+    cancelled (its rows leave the batch at the next pass)."""
+    deadline = time.monotonic() + state.request_timeout
+    finished = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                kind, payload = await job.channel.get(max(left, 0.0))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise RequestTimeout(f"the request took longer than {state.request_timeout:g} s") from None
+            if kind == "error":
+                finished = True
+                raise payload
+            yield kind, payload
+            if kind == "end":
+                finished = True
+                return
+    finally:
+        if not finished:
+            state.loop.cancel(job)
+
+
+async def collect(request: Request, job: Job, answer):
+    """Await a non-streaming answer while watching for the client to hang up."""
+    task = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class CompletionRun:
+    """One /v1/completions request: the middle (or continuation) text of each choice."""
+
+    def __init__(self, state: ServerState, body, job: Job, suffix: bool):
+        self.state, self.body, self.job, self.suffix = state, body, job, suffix
+        self.rid, self.created = H.new_id("cmpl")
+        self.choices: list[H.Choice] = []
+        self.stats: list[dict | None] = [None] * body.n
+        self.finish = "stop" if suffix else "length"
+
+    def _start(self, layouts) -> None:
+        for lay in layouts:
+            hole = lay.holes[0]
+            self.choices.append(H.Choice(self.state.tokenizer, lay, hole["start"], hole["start"] + hole["length"]))
+
+    def _done(self, index: int, result) -> str:
+        ch = self.choices[index]
+        text = ch.finish(result)
+        now = time.monotonic()
+        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived, now - self.job.admitted)
+        return text
+
+    def _chunk(self, index, text, finish=None, **extra) -> dict:
+        return H.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
+
+    def _logprobs(self, index):
+        return H.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
+
+    async def answer(self) -> JSONResponse:
+        texts = {}
+        async for kind, payload in events(self.state, self.job):
+            if kind == "start":
+                self._start(payload)
+            elif kind == "done":
+                texts[payload[0]] = self._done(*payload)
+        choices = [{"text": texts[i], "index": i, "logprobs": self._logprobs(i), "finish_reason": self.finish,
+                    "asarm": self.stats[i]} for i in range(self.body.n)]
+        return JSONResponse({"id": self.rid, "object": "text_completion", "created": self.created,
+                             "model": self.state.model_name, "choices": choices,
+                             "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
+
+    async def stream(self, first, rest):
+        try:
+            async for kind, payload in _chain(first, rest):
+                if kind == "start":
+                    self._start(payload)
+                elif kind == "round":
+                    index, event = payload
+                    piece = self.choices[index].apply(event)
+                    if piece:
+                        yield H.sse(self._chunk(index, piece))
+                elif kind == "done":
+                    index = payload[0]
+                    ch = self.choices[index]
+                    tail = self._done(*payload)[ch.emitted:]
+                    yield H.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index],
+                                            **({"logprobs": self._logprobs(index)} if self.body.logprobs is not None else {})))
+            final = {"id": self.rid, "object": "text_completion", "created": self.created,
+                     "model": self.state.model_name, "choices": [], "usage": H.usage(self.choices),
+                     "asarm": H.totals(self.stats)}
+            yield H.sse(final)
+        except Exception as exc:  # noqa: BLE001 - the stream has started: the error is an event
+            if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
+                log.exception("a completion stream failed")
+            yield error_event(exc)
+        finally:
+            await rest.aclose()  # the job is cancelled at once if the client went away
+        yield H.sse("[DONE]")
+
+
+class InfillRun:
+    """One /v1/infill request: the whole filled text, per-hole texts, events with positions."""
+
+    def __init__(self, state: ServerState, body, job: Job):
+        self.state, self.body, self.job = state, body, job
+        self.rid, self.created = H.new_id("infill")
+        self.choices: list[H.Choice] = []
+        self.stats: list[dict | None] = [None] * body.n
+
+    def _start(self, layouts) -> dict:
+        tok = self.state.tokenizer
+        out = []
+        for i, lay in enumerate(layouts):
+            self.choices.append(H.Choice(tok, lay, 0, len(lay.input_ids)))
+            pieces = [{"text": "" if m else H.decode(tok, [t]), "hidden": m}
+                      for t, m in zip(lay.input_ids.tolist(), lay.masked.tolist())]
+            out.append({"index": i, "tokens": pieces, "holes": lay.holes})
+        return {"object": "infill.start", "id": self.rid, "model": self.state.model_name, "choices": out}
+
+    def _done(self, index: int, result) -> dict:
+        ch = self.choices[index]
+        text = ch.finish(result)
+        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived,
+                                        time.monotonic() - self.job.admitted)
+        holes = [dict(h, text=H.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
+                 for h in ch.layout.holes]
+        out = {"index": index, "text": text, "holes": holes, "finish_reason": "stop", "asarm": self.stats[index]}
+        if self.body.logprobs:
+            lp = result.token_logprobs.reshape(-1).tolist()
+            out["logprobs"] = [{"position": p, "logprob": lp[p]} for p in ch.layout.masked.nonzero().flatten().tolist()]
+        return out
+
+    def _round(self, index: int, event) -> dict:
+        tok = self.state.tokenizer
+        piece = self.choices[index].apply(event)
+        return {"object": "infill.round", "index": index, "round": event.round, "nfe": event.nfe,
+                "positions": list(event.positions), "tokens": [int(t) for t in event.tokens],
+                "texts": [H.decode(tok, [int(t)]) for t in event.tokens], "resampled": event.resampled,
+                "text": piece}
+
+    async def answer(self) -> JSONResponse:
+        done = {}
+        async for kind, payload in events(self.state, self.job):
+            if kind == "start":
+                self._start(payload)
+            elif kind == "done":
+                done[payload[0]] = self._done(*payload)
+        return JSONResponse({"id": self.rid, "object": "infill", "created": self.created,
+                             "model": self.state.model_name, "choices": [done[i] for i in range(self.body.n)],
+                             "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
+
+    async def stream(self, first, rest):
+        try:
+            async for kind, payload in _chain(first, rest):
+                if kind == "start":
+                    yield H.sse(self._start(payload))
+                elif kind == "round":
+                    yield H.sse(self._round(*payload))
+                elif kind == "done":
+                    yield H.sse(dict(self._done(*payload), object="infill.done"))
+            yield H.sse({"object": "infill.end", "id": self.rid, "usage": H.usage(self.choices),
+                         "asarm": H.totals(self.stats)})
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
+                log.exception("an infill stream failed")
+            yield error_event(exc)
+        finally:
+            await rest.aclose()  # the job is cancelled at once if the client went away
+        yield H.sse("[DONE]")
+
+
+async def score_answer(state: ServerState, ids, hidden, job: Job) -> JSONResponse:
+    result = None
+    async for kind, payload in events(state, job):
+        if kind == "start":
+            result = payload
+    n = int(result.num_tokens)
+    lp = result.token_log_probs.tolist()
+    tokens = [{"position": p, "text": H.decode(state.tokenizer, [int(ids[p])]), "logprob": lp[p]}
+              for p in hidden.nonzero().flatten().tolist()]
+    nll = -float(result.log_prob)
+    return JSONResponse({"object": "score", "model": state.model_name, "log_prob": -nll, "num_tokens": n,
+                         "nll_per_token": nll / max(n, 1), "perplexity": float(result.perplexity),
+                         "nfe": result.nfe, "tokens": tokens})
