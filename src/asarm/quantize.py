@@ -232,4 +232,3 @@ def floor_columns(model, seconds_per_pass: float, bandwidth: float) -> dict:
 
 
 # `asarm quantize MODEL OUT --to int8` lives in quantize_cli.py, which imports no torch (fast --help).
-from .quantize_cli import add_quantize_cli, cmd_quantize  # noqa: E402,F401

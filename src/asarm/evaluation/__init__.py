@@ -88,10 +88,12 @@ def run_from_args(args, model=None) -> dict:
     out = Path(args.output) if args.output else default_output(args)
     if getattr(args, "hole_length", "oracle") != "oracle":  # holes of unknown length: evaluation/hole_length.py
         from .hole_length import run
+        from .hole_length_report import write_report
 
         out = Path(args.output) if args.output else Path(f"{default_output(args)}-hole-length")
-        summary = run(task, model, out_dir=out, limit=args.limit, seed=args.seed, progress=not args.no_progress,
-                      model_name=args.model or "asarm-en-small")
+        run(task, model, out_dir=out, limit=args.limit, seed=args.seed, progress=not args.no_progress,
+            model_name=args.model or "asarm-en-small")
+        summary = write_report(out)
         print((out / "summary.md").read_text())
         return summary
     summary = run_task(task, model, configs=configs, out_dir=out, batch_size=args.batch_size, seed=args.seed,

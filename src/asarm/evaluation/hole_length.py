@@ -143,7 +143,7 @@ def run_example(task, model, index, pieces, lengths_wanted, max_len, seed, prior
 
 
 # --- the run -------------------------------------------------------------------------------------------
-def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=None) -> dict:
+def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_len = MAX_LENGTH[task.name]
@@ -178,6 +178,3 @@ def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=N
                 print(f"{task.name} {i + 1}/{len(pieces)} {rec['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
     finally:
         writer.close()
-    from .hole_length_report import write_report
-
-    return write_report(out_dir)
