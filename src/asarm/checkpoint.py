@@ -44,7 +44,7 @@ def match_state_dict(model: ASARM, state: dict[str, torch.Tensor], source: str) 
                          {k: tuple(v.shape) for k, v in state.items()}, source)
     bad = [k for k, v in expected.items() if v.is_floating_point() and not state[k].is_floating_point()]
     if bad:
-        raise CheckpointError(f"{source}: weights do not match config.json: non-float tensor(s): {storage._first(bad)}")
+        raise CheckpointError(f"{source}: weights do not match config.json: non-float tensor(s): {storage.first_names(bad)}")
     return state
 
 

@@ -185,7 +185,7 @@ def header_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 # --- matching stored names and shapes to what a config needs -----------------------------------
-def _first(names, n: int = 5) -> str:
+def first_names(names, n: int = 5) -> str:
     names = sorted(names)
     more = f" (and {len(names) - n} more)" if len(names) > n else ""
     return ", ".join(names[:n]) + more
@@ -211,9 +211,9 @@ def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: st
     unexpected = set(found) - set(expected)
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
+        problems.append(f"{len(missing)} missing key(s): {first_names(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {first_names(unexpected)}")
     wrong = [f"{k} has shape {tuple(found[k])}, config needs {tuple(shape)}"
              for k, shape in sorted(expected.items()) if k in found and tuple(found[k]) != tuple(shape)]
     if wrong:

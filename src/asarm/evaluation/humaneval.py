@@ -74,7 +74,7 @@ class HumanEvalInfillingTask:
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.workers = workers
-        self.max_tokens = _max_tokens(model, max_tokens)
+        self.max_tokens = model_max_tokens(model, max_tokens)
 
     def settings(self) -> dict:
         return {"variant": self.variant, "data": str(self.path), "timeout_s": self.timeout,
@@ -110,7 +110,7 @@ class HumanEvalInfillingTask:
         return recs
 
 
-def _max_tokens(model, max_tokens):
+def model_max_tokens(model, max_tokens):
     limit = model.config.max_length
     if max_tokens is None:
         return limit

@@ -45,7 +45,7 @@ class RocStoriesTask:
 
     def __init__(self, model, *, data=None, stories: int = DEFAULT_STORIES, use_stemmer: bool = True,
                  max_tokens: int | None = None):
-        from .humaneval import _max_tokens
+        from .humaneval import model_max_tokens
 
         self.model = model
         tok = getattr(model, "tokenizer", None)
@@ -61,7 +61,7 @@ class RocStoriesTask:
         self.stories = stories
         self.use_stemmer = use_stemmer
         self._scorer = None
-        self.max_tokens = _max_tokens(model, max_tokens)
+        self.max_tokens = model_max_tokens(model, max_tokens)
 
     def settings(self) -> dict:
         return {"data": str(self.path), "stories": self.stories, "hidden": "sentence 3, true token length",
