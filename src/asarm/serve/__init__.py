@@ -15,11 +15,10 @@ import signal
 
 
 def cmd_serve(args) -> int:
-    import torch
     import uvicorn
 
     from ..checkpoint import DEFAULT_MODEL
-    from ..cli_args import load_cli_model
+    from ..cli_args import apply_threads, load_cli_model
     from ..errors import InputError
     from .app import create_app
 
@@ -28,8 +27,7 @@ def cmd_serve(args) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_timeout <= 0 or args.grace < 0:
         raise InputError("--request-timeout must be > 0 and --grace >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)  # --threads / ASARM_NUM_THREADS, like every model command
     model = load_cli_model(args)
     name = args.served_name or os.path.basename(str(args.model or DEFAULT_MODEL).rstrip("/"))
     api_key = args.api_key or os.environ.get("ASARM_API_KEY") or None
@@ -60,7 +58,6 @@ def add_cli(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is cancelled")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
     p.add_argument("--served-name", default=None, help="model id in the API (default: the model's name)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow engine
     add_model_arguments(p)
