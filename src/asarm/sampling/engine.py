@@ -198,8 +198,8 @@ class Engine:
         host = torch.cat([h.reshape(B, -1) for h in host], dim=1).cpu().tolist()
         outcomes = []
         for b, plan in enumerate(plans):
-            vals = host[b]
-            out = Outcome([int(t) for t in vals[:Q]], vals[Q : 2 * Q], probs[b, : len(plan.queries)])
+            vals, nq = host[b], len(plan.queries)
+            out = Outcome([int(t) for t in vals[:nq]], vals[Q : Q + nq], probs[b, :nq])
             if plan.kind == "verify":
                 rest = vals[2 * Q :]
                 out.n_accepted, out.next_token, out.next_prob = int(rest[0]), int(rest[1]), rest[2]
