@@ -67,6 +67,7 @@ class Engine:
         self.handles: list[RowHandle] = []
         self.cache: ContentCache | None = None
         self.rel_table, self.table_span = None, 0
+        self.joining, self.capacity = 0, 0  # rows added since the last pass; cache slots per row
         self.forward_seconds = self.step_seconds = 0.0  # for ``asarm bench``'s host-time column
         self.passes = 0
 
@@ -119,6 +120,7 @@ class Engine:
         if not self.handles:
             return []
         start = time.perf_counter()
+        self._grow()
         rows = [h.row for h in self.handles]
         plans = [row.plan(self.use_cache) for row in rows]
         logits = self._forward(plans)
@@ -240,17 +242,25 @@ class Engine:
 
     # --- membership and memory -------------------------------------------------------------------
     def _make_room(self, length: int, max_k: int) -> None:
-        """Grow the relative-position table and the cache so one more row of ``length`` fits."""
+        """Note one more row of ``length``: the relative-position table grows now, the cache at
+        the next ``_grow`` (so rows added together cost one allocation, not one each)."""
         if length > self.table_span:
             self.table_span = max(length, 2 * self.table_span)
             self.rel_table = self.model.relative_table(self.table_span)
         if self.use_cache:
-            capacity = length + max_k + 2
+            self.joining += 1
+            self.capacity = max(self.capacity, length + max_k + 2)
+
+    def _grow(self) -> None:
+        """Give the rows added since the last pass their cache rows."""
+        if self.joining:
             if self.cache is None:
-                self.cache = ContentCache(self.model, 0, capacity)
-            self.cache.add_rows(1, capacity)
+                self.cache = ContentCache(self.model, 0, self.capacity)
+            self.cache.add_rows(self.joining, self.capacity)
+            self.joining = 0
 
     def _keep(self, handles: list[RowHandle]) -> None:
+        self._grow()
         if self.cache is not None:
             index = [i for i, h in enumerate(self.handles) if h in handles]
             self.cache.select_rows(torch.tensor(index, dtype=torch.long, device=self.device))
