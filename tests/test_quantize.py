@@ -149,7 +149,9 @@ def test_quantize_cli(tmp_path, model, capsys):
 
     save_model(model, tmp_path / "f")
     parser = argparse.ArgumentParser()
-    quant.add_quantize_cli(parser.add_subparsers())
+    from asarm.quantize_cli import add_quantize_cli
+
+    add_quantize_cli(parser.add_subparsers())
     args = parser.parse_args(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--to", "int8"])
     assert args.func(args) == 0
     assert "int8" in capsys.readouterr().out
