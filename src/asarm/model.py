@@ -106,8 +106,9 @@ class RelativeAttention(nn.Module):
         q = self.project(x, self.q).transpose(1, 2)  # [B, n, T, dh]
         # Position term: score every row against the whole table of relative distances, then
         # pick the distance of each (row, key) pair. Cheap when T is small (cached passes). The
-        # table is stored [n, dh, R] so this is one batched matmul with no copy of the table.
-        pos_scores = (q + self.r_r_bias[:, None]) @ rel_table  # [B, n, T, R]
+        # table is stored [n, dh, R]; einsum batches over heads with every (row, T) as one
+        # matrix row (a plain broadcast `@` would copy the table once per batch row).
+        pos_scores = torch.einsum("bntd,ndr->bntr", q + self.r_r_bias[:, None], rel_table)  # [B, n, T, R]
         index = rel_index[:, None].expand(B, self.n_head, T, rel_index.shape[-1])
         bias = pos_scores.gather(-1, index) * self.scale
         bias = bias.masked_fill(~allowed[:, None], masked_score(bias.dtype))
