@@ -14,8 +14,8 @@ Files, in the order data flows:
   api.py        ``sample()``
 """
 
-from .api import SampleResult, resolve_seed, row_orders, sample
-from .checks import check_inputs
+from .api import SampleResult, row_orders, sample
+from .checks import check_inputs, resolve_seed
 from .config import METHODS, DecodeConfig, check_temperature, config_label, speedup_configs
 from .engine import Engine, RowHandle, row_seed
 from .proposers import PROPOSERS, Block, Proposer

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
 import torch
 
 from ..errors import InputError
-from .checks import check_inputs
+from .checks import check_inputs, resolve_seed
 from .config import DecodeConfig
 from .engine import Engine
 from .row import SampleResult
@@ -27,14 +26,6 @@ def row_orders(order, B: int) -> list:
     if B > 1:
         raise InputError("for a batch, order must be 'left-to-right', 'random' or a list of per-row permutations")
     return [seq]
-
-
-def resolve_seed(seed) -> int:
-    if seed is None:
-        return random.SystemRandom().randrange(2**62)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    return seed
 
 
 def _valid_lengths(attention_mask, B: int, L: int) -> torch.Tensor:

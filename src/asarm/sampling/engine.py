@@ -12,7 +12,6 @@ Rows that finish leave; new rows may be ``add``-ed before any step (continuous b
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ from ..cache import ContentCache
 from ..errors import InputError
 from ..model import NO_KEY
 from ..ranks import decoding_order
-from .checks import check_row
+from .checks import check_row, resolve_seed
 from .config import DecodeConfig
 from .row import Outcome, Plan, RoundEvent, Row, SampleResult
 from .target import draw
@@ -84,11 +83,7 @@ class Engine:
         if config.cache != self.use_cache:
             raise InputError(f"this engine runs with cache={self.use_cache}; the row asks for cache={config.cache}")
         check_row(self.model, input_ids, masked)
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**62)
-        elif isinstance(seed, bool) or not isinstance(seed, int):
-            raise InputError(f"seed must be an integer, got {seed!r}")
-        gen = torch.Generator().manual_seed(row_seed(seed, row_index))
+        gen = torch.Generator().manual_seed(row_seed(resolve_seed(seed), row_index))
         hidden = masked.detach().cpu().bool()
         tokens = input_ids.detach().cpu().long().clone()
         row_order = decoding_order(hidden, order, gen)
