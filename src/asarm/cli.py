@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # one line, even when a library's message has several
         print(f"asarm {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
