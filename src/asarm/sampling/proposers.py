@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from ..drafts import NgramDrafter
+from .target import draw
 
 
 @dataclasses.dataclass
@@ -120,9 +121,7 @@ class NgramDraft(Proposer):
             p = self.drafter.distribution(prev, 1.0 if target.greedy else target.temperature)
             if target.greedy:
                 p = torch.zeros_like(p).scatter_(0, p.argmax().view(1), 1.0)
-            cdf = p.cumsum(0)
-            u = torch.rand((), generator=row.generator, dtype=torch.float64) * cdf[-1]
-            drafted[pos] = min(int(torch.searchsorted(cdf, u.view(1), right=True)), int(torch.nonzero(p).max()))
+            drafted[pos] = int(draw(p, torch.rand((), generator=row.generator, dtype=torch.float64)))
             tokens.append(drafted[pos])
             probs.append(p)
         return Block(tokens, torch.stack(probs).to(row.device))
