@@ -68,7 +68,6 @@ class Engine:
         self.rel_table, self.table_span = None, 0
         self.joining, self.capacity = 0, 0  # rows added since the last pass; cache slots per row
         self.forward_seconds = self.step_seconds = 0.0  # for ``asarm bench``'s host-time column
-        self.passes = 0
 
     @property
     def active(self) -> int:
@@ -131,7 +130,6 @@ class Engine:
             self._keep([h for h in self.handles if not h.row.done])
         self._sync()
         self.step_seconds += time.perf_counter() - start
-        self.passes += 1
         return finished
 
     # --- the pass -------------------------------------------------------------------------------
