@@ -9,8 +9,8 @@ import zipfile
 import pytest
 import torch
 
-from asarm.data import (ChunkStream, StreamState, load_documents, pack, read_documents, split_documents,
-                        split_wikitext, tokenize_documents, untag_brown)
+from asarm.data import (ChunkStream, StreamState, detokenize_wikitext, detokenize_wikitext_line, load_documents,
+                        pack, read_documents, split_documents, split_wikitext, tokenize_documents, untag_brown)
 from asarm.errors import InputError
 from asarm.ranks import decoding_order, ranks_from_order, training_ranks
 from asarm.tokenization import decode, train_tokenizer
@@ -60,6 +60,42 @@ def test_wikitext_split_into_articles_and_held_out_split():
     train, valid = split_documents(many, 0.1, seed=3)
     assert len(valid) == 5 and not set(train) & set(valid) and set(train) | set(valid) == set(many)
     assert split_documents(many, 0.1, seed=3) == (train, valid)
+
+
+@pytest.mark.parametrize("raw, clean", [
+    (" It weighs 0 @.@ 7 – 2 @.@ 2 kg ( 1 @,@ 500 lb ) , and is north @-@ eastern . ",
+     "It weighs 0.7 – 2.2 kg (1,500 lb), and is north-eastern."),
+    (""" He said " I don 't know " ; the city 's mayor agreed : yes ! """, """He said "I don't know"; the city's mayor agreed: yes!"""),
+    (" = = Taxonomy , phylogeny = = ", "Taxonomy, phylogeny"),  # a heading becomes its title
+    (" The <unk> is blue . It is big . A <unk> b . ", "It is big."),  # sentences with <unk> dropped
+    (" = = <unk> = = ", ""),
+    (" July 1 , 1919 . Wait . . . ok . ", "July 1, 1919. Wait... ok."),
+])
+def test_wikitext_detokenized(raw, clean):
+    assert detokenize_wikitext_line(raw) == clean
+
+
+def test_wikitext_files_are_read_as_clean_text(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_text(" \n = A = \n \n The <unk> went . It rained @-@ hard . \n \n = B = \n \n b text . \n")
+    docs = load_documents(str(path))
+    assert docs == ["A\nIt rained-hard.\n", "B\nb text.\n"]
+    assert detokenize_wikitext(" = A = \n \n x . \n") == "A\nx.\n"
+
+
+def test_shipped_training_corpora_are_clean_text():
+    """What the shipped English model trains on: no literal <unk>, no WikiText joiners, no
+    tokenized lower-case reviews (the config's own sources, read as training reads them)."""
+    from asarm.train.config import load_config
+
+    cfg = load_config("asarm-en-small")
+    assert not any("movie_reviews" in str(source) for source in cfg.data)
+    docs = load_documents(cfg.data, kind=cfg.tokenizer_kind)
+    assert sum(map(len, docs)) > 10_000_000
+    for doc in docs:
+        assert "<unk>" not in doc and " @-@ " not in doc and " @,@ " not in doc and " @.@ " not in doc
+    # tokenized text has a " , " every ~100 characters; a handful remain from Brown's own gaps
+    assert sum(doc.count(" , ") for doc in docs) < sum(map(len, docs)) / 100_000
 
 
 def test_clear_errors(tmp_path):

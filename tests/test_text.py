@@ -12,8 +12,8 @@ import asarm
 import asarm.sampling
 from asarm.errors import InputError
 from asarm.scoring import parse_scored_text
-from asarm.text import Hole, fill_text, infill, parse_infill, parse_markup, split_markup
-from asarm.tokenization import decode, encode, train_tokenizer
+from asarm.text import Hole, fill_text, infill, parse_infill, parse_markup, split_markup, stream_infill
+from asarm.tokenization import decode, decode_text, encode, train_tokenizer
 
 CORPUS = (
     "Once upon a time there was a small cat. The cat sat on the warm mat and purred.\n"
@@ -141,7 +141,7 @@ def test_infill_with_fake_sampler(tok, model300, monkeypatch):
     # a real model writes it with its first token, this fake one fills "x"s
     assert out == "  The cat\tsatxxx on\n\nthe mat.  "
     ids, masked, options = calls[0]
-    assert options == {"method": "sequential", "seed": 3, "k": 4}
+    assert options == {"method": "sequential", "seed": 3, "k": 4, "suppress": (0, 1, 3, 4, 5, 6)}
     assert ids[masked].tolist() == [model300.config.mask_token_id] * 3
 
 
@@ -188,7 +188,7 @@ def test_infill_real_sampler(tok, model300, options):
     assert filled.shape == ids.shape
     assert torch.equal(filled[~masked], ids[~masked])  # visible tokens untouched
     assert not (filled[masked] == model300.config.mask_token_id).any()  # mask never sampled
-    assert out == decode(tok, filled.tolist())
+    assert out == decode_text(tok, filled.tolist())
     assert int(result.nfe) >= 1
     again = infill(model300, text, tokenizer=tok, seed=0, **options)
     assert again == out  # seeded runs repeat
@@ -197,7 +197,7 @@ def test_infill_real_sampler(tok, model300, options):
 def test_infill_real_sampler_unconditional(tok, model300):
     out, result = infill(model300, "[MASK:6]", tokenizer=tok, return_result=True, seed=1)
     assert result.input_ids.numel() == 6
-    assert out == decode(tok, result.input_ids.view(-1).tolist())
+    assert out == decode_text(tok, result.input_ids.view(-1).tolist())
 
 
 # --- word boundaries with the shipped tokenizers -------------------------------------------------
@@ -236,3 +236,57 @@ def test_span_markup_puts_the_leading_space_in_the_span(shipped_tok):
 def test_scored_text_errors(tok, text, message):
     with pytest.raises(InputError, match=message):
         parse_scored_text(tok, text)
+
+
+# --- text hygiene: no special tokens, no U+FFFD ------------------------------------------------
+def test_infill_excludes_special_tokens_inside_the_target(tok, model300):
+    """A model that prefers <unk>, <s>, padding: infill never writes them (they are excluded
+    from the target), unless allow_special=True."""
+    from asarm.tokenization import special_text_ids
+
+    special = special_text_ids(tok)
+    assert set(special) >= {tok.unk_token_id, tok.pad_token_id, tok.bos_token_id}
+    assert tok.eos_token_id not in special  # end-of-text stays: stop_at="</s>" needs it
+    biased = tiny_model(seed=7, vocab_size=300)
+    with torch.no_grad():
+        biased.lm_loss.bias[list(special)] += 8.0
+    text = "the cat [MASK:6] mat."
+    allowed = []
+    for seed in range(4):
+        for options in ({}, {"method": "assd", "k": 3}):
+            out, result = infill(biased, text, tokenizer=tok, return_result=True, seed=seed, **options)
+            assert not set(result.input_ids.view(-1).tolist()) & set(special), (seed, options)
+            _, free = infill(biased, text, tokenizer=tok, return_result=True, seed=seed, allow_special=True, **options)
+            allowed += free.input_ids.view(-1).tolist()
+    assert set(allowed) & set(special)  # the bias works: without the exclusion they are drawn
+
+
+def test_decode_text_drops_invalid_utf8_only(shipped_tok):
+    e_acute = encode(shipped_tok, "é")
+    assert len(e_acute) == 2  # two byte tokens: a sampler can draw the first without the second
+    broken = encode(shipped_tok, "ab") + e_acute[:1] + encode(shipped_tok, " ok")
+    assert "\ufffd" in decode(shipped_tok, broken)
+    assert decode_text(shipped_tok, broken) == "ab ok"
+    literal = "café \ufffd ok"  # a U+FFFD that is really in the text stays
+    assert decode_text(shipped_tok, encode(shipped_tok, literal)) == literal
+
+
+def test_stream_infill_never_shows_a_replacement_character(tok, model300, monkeypatch):
+    lone_byte = tok.convert_tokens_to_ids("Ã")  # the first byte of "é" alone: invalid UTF-8
+    monkeypatch.setattr(asarm.sampling, "sample", _streaming_fake(lone_byte))
+    pieces = []
+    out, _ = stream_infill(model300, "the [MASK:3] mat", pieces.append, tokenizer=tok, seed=0)
+    assert "".join(pieces) == out == infill(model300, "the [MASK:3] mat", tokenizer=tok, seed=0)
+    assert "\ufffd" not in out and out == "the mat"
+
+
+def _streaming_fake(fill_id):
+    def sample(model, input_ids, masked, callback=None, **options):
+        out = input_ids.clone()
+        positions = masked.nonzero().view(-1).tolist()
+        out[masked] = fill_id
+        if callback is not None:
+            callback(0, positions, [fill_id] * len(positions))
+        n = len(positions)
+        return types.SimpleNamespace(input_ids=out[None], nfe=n, rounds=n, accepted=[1] * n)
+    return sample

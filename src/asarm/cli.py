@@ -126,7 +126,8 @@ def length_options(args) -> dict:
     if stop is not None:
         stop = {"newline": "\n", "eos": "</s>"}.get(stop, stop.replace("\\n", "\n").replace("\\t", "\t"))
     return dict(max_hole=getattr(args, "max_hole", None), length_prior=prior,
-                factorization=getattr(args, "factorization", None), stop_at=stop)
+                factorization=getattr(args, "factorization", None), stop_at=stop,
+                allow_special=getattr(args, "allow_special", False))
 
 
 def run_infill(args, text: str) -> int:
@@ -276,6 +277,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="length evidence for [MASK] holes (default: the model's recorded choice)")
     p.add_argument("--stop-at", default=None, help="fill a final [MASK] to its longest length and cut at this "
                    "string: newline, eos, or any text ('\\n' is a newline)")
+    p.add_argument("--allow-special", action="store_true", help="let holes contain the special tokens that are not "
+                   "text (<unk>, <s>, padding, ...); by default they are excluded inside the target distribution")
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)

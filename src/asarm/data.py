@@ -9,12 +9,16 @@ A *source* is one of
   "code" or the source says ``{"path": ..., "glob": "*.py"}``);
 - ``"python-stdlib"``: the ``*.py`` files of this Python's standard library (test folders skipped);
   ``"python-stdlib-tests"``: its ``test/test_*.py`` files (held out from "python-stdlib");
+- ``"python-package:NAME"``: the ``*.py`` files of the installed package NAME (test folders
+  skipped), e.g. ``python-package:networkx``;
 - ``"hf:NAME[:CONFIG][:SPLIT]"``: a Hugging Face ``datasets`` data set (needs the package and
   network access).
 
 WikiText files (a ``.txt``/``.gz`` whose lines have `` = Title = `` headings) are split into
-articles, other long plain-text files into paragraph groups, so that the held-out validation split
-(chosen by document) holds whole documents, never pieces of training ones.
+articles and detokenized (`` @-@ `` -> ``-``, no spaces before punctuation or inside brackets and
+quotes; sentences with the ``<unk>`` placeholder dropped, see ``detokenize_wikitext_line``), other
+long plain-text files into paragraph groups, so that the held-out validation split (chosen by
+document) holds whole documents, never pieces of training ones.
 
 Packing: each document's token ids followed by ``</s>`` are concatenated in document order and cut
 into chunks of ``seq_len`` tokens. ``ChunkStream`` serves those chunks in a deterministic
@@ -54,7 +58,7 @@ def _detokenize(words: list[str]) -> str:
     text = text.replace("``", '"').replace("''", '"')
     text = re.sub(r" ([,.;:!?%)\]}])", r"\1", text)
     text = re.sub(r"([(\[{$]) ", r"\1", text)
-    text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
+    text = re.sub(r" (n't|'t|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
     # paired double quotes: no space inside
     out, open_quote = [], True
     for piece in re.split(r'( ?" ?)', text):
@@ -67,6 +71,47 @@ def _detokenize(words: list[str]) -> str:
     text = re.sub(r" {2,}", " ", text).strip()
     text = re.sub(r'" ([,.;:!?])', r'"\1', text)
     return text
+
+
+# WikiText's tokenized release: " @-@ " etc. join numbers and compounds; "<unk>" replaced rare words.
+WIKI_JOINERS = {"@-@": "-", "@,@": ",", "@.@": "."}
+WIKI_UNK = "<unk>"
+WIKI_HEADING = re.compile(r"^ *(=(?: =)*) (.*?) \1 *$")
+SENTENCE_END = frozenset({".", "!", "?"})
+
+
+def detokenize_wikitext_line(line: str) -> str:
+    """One WikiText line -> readable text (the standard detokenization), sentences that contain
+    ``<unk>`` dropped: a model must never learn to write the literal placeholder, and no word can
+    be put back in its place. Headings (`` = = Title = = ``) become their bare title."""
+    heading = WIKI_HEADING.match(line)
+    tokens = heading.group(2).split() if heading else line.split()
+    if heading and WIKI_UNK in tokens:
+        return ""
+    sentences, current, glue = [], [], False
+    for token in tokens:
+        if token in WIKI_JOINERS and current:  # "3 @.@ 1" -> "3.1": glued to both neighbours
+            current[-1] += WIKI_JOINERS[token]
+            glue = True
+            continue
+        if glue:
+            current[-1] += token
+            glue = False
+        else:
+            current.append(token)
+        if token in SENTENCE_END:
+            sentences.append(current)
+            current = []
+    if current:
+        sentences.append(current)
+    kept = [words for words in sentences if not any(WIKI_UNK in word for word in words)]
+    return " ".join(_detokenize(words) for words in kept).replace(". . .", "...")
+
+
+def detokenize_wikitext(text: str) -> str:
+    """A WikiText document -> readable paragraphs (one per line, blank lines dropped)."""
+    lines = (detokenize_wikitext_line(line) for line in text.splitlines())
+    return "".join(line + "\n" for line in lines if line)
 
 
 def untag_brown(raw: str) -> str:
@@ -131,7 +176,8 @@ def _text_documents(text: str, name: str) -> list[str]:
         return [text] if text.strip() else []
     lines = text.splitlines()[:50]
     if any(WIKI_TITLE.match(l) for l in lines):
-        return [d for doc in split_wikitext(text) for d in split_long(doc, max_chars=10**9)]
+        articles = (detokenize_wikitext(doc) for doc in split_wikitext(text))
+        return [article for article in articles if article.strip()]
     return split_long(text)
 
 
@@ -153,6 +199,20 @@ def _jsonl_documents(lines: Iterable[str], name: str) -> Iterator[str]:
 # --- sources -----------------------------------------------------------------------------------
 def python_stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_package_dir(name: str) -> Path:
+    """The folder of an installed package (``python-package:NAME`` sources)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"python-package:{name}: no installed package named {name!r} "
+                         f"(pip install {name}, or give its folder as a path)")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _is_test_path(path: Path) -> bool:
@@ -228,7 +288,7 @@ def _hf_documents(spec: str) -> Iterator[str]:
         raise InputError(f"{spec}: data set has no 'text' or 'content' column (columns: {ds.column_names})")
     texts = ds[field]
     if name.startswith("wikitext") or (texts and any(WIKI_TITLE.match(t.rstrip("\n")) for t in texts[:50])):
-        yield from split_wikitext("".join(texts))
+        yield from (doc for doc in map(detokenize_wikitext, split_wikitext("".join(texts))) if doc.strip())
     else:
         yield from (t for t in texts if t and t.strip())
 
@@ -251,6 +311,8 @@ def read_documents(source, kind: str = "text") -> Iterator[str]:
     code = kind == "code"
     if spec == "python-stdlib":
         spec, options = str(python_stdlib_dir()), {"glob": "*.py", "skip_tests": True, **options}
+    elif spec.startswith("python-package:"):
+        spec, options = str(python_package_dir(spec.split(":", 1)[1])), {"glob": "*.py", "skip_tests": True, **options}
     elif spec == "python-stdlib-tests":  # Lib/test/test_*.py: held out from "python-stdlib"
         spec, options = str(python_stdlib_dir() / "test"), {"glob": "test_*.py", "skip_tests": False, **options}
     path = Path(spec).expanduser()

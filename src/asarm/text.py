@@ -39,7 +39,7 @@ import re
 import torch
 
 from .errors import InputError
-from .tokenization import decode, encode
+from .tokenization import decode, decode_text, encode, special_text_ids
 
 DEFAULT_MASK_TOKEN_ID = 6
 MAX_MARKUP_LENGTH = 1_000_000  # no model has this many positions; keeps huge numbers a clear error
@@ -192,14 +192,15 @@ def assemble(segments, lengths, mask_id: int, max_length: int | None = None):
 
 
 def fill_text(tokenizer, input_ids) -> str:
-    """Decode a whole (filled) sequence, [L] or [1, L], with the exact decoder."""
+    """Decode a whole (filled) sequence, [L] or [1, L], with the exact decoder (invalid UTF-8 byte
+    runs dropped: ``asarm.tokenization.decode_text``)."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2:
             if input_ids.shape[0] != 1:
                 raise InputError(f"fill_text decodes one sequence, got a batch of {input_ids.shape[0]}")
             input_ids = input_ids[0]
         input_ids = input_ids.tolist()
-    return decode(tokenizer, input_ids)
+    return decode_text(tokenizer, input_ids)
 
 
 @dataclasses.dataclass
@@ -216,7 +217,8 @@ class InfillPlan:
 
 
 def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max_hole: int | None = None,
-           length_prior=None, factorization: str | None = None, stop_at: str | None = None, **sample_options):
+           length_prior=None, factorization: str | None = None, stop_at: str | None = None,
+           allow_special: bool = False, **sample_options):
     """Fill every hole of ``text`` with the model; returns the whole filled text.
 
     ``tokenizer`` defaults to ``model.tokenizer`` (attached by ``asarm.load_model``).
@@ -226,7 +228,11 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
     {length: weight}, a sequence of weights for lengths 1, 2, ... or a callable),
     ``factorization`` picks the length evidence (``asarm.lengths``; default: the model's
     config ``asarm_length_factorization``, else "left-given-right"), ``stop_at`` cuts a
-    final hole at a string. With ``return_result=True`` returns ``(text, result)``, where
+    final hole at a string. Special tokens that are not text (``<unk>``, padding, ``<s>``, ...;
+    ``asarm.tokenization.special_text_ids``) are excluded inside the target distribution, so the
+    sampler stays exact for the model restricted to text; ``allow_special=True`` keeps them.
+    Invalid UTF-8 byte runs a byte-level model may sample are dropped from the returned text
+    (``asarm.tokenization.decode_text``). With ``return_result=True`` returns ``(text, result)``, where
     ``result`` has ``.input_ids``, ``.nfe``, ``.rounds``, ``.accepted`` and ``.lengths`` (how
     each hole's length was chosen, with its posterior probability).
     """
@@ -235,19 +241,29 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
     plan = plan_infill(model, text, tokenizer, max_hole=max_hole, length_prior=length_prior,
                        factorization=factorization, stop_at=stop_at, **sample_options)
     sample_options["seed"] = plan.seed
+    if not allow_special:
+        exclude_special_tokens(plan.tokenizer, sample_options)
     result = sampling.sample(model, plan.input_ids, plan.masked, **sample_options)
     result.lengths = plan.lengths
     filled = finish_text(plan, result.input_ids)
     return (filled, result) if return_result else filled
 
 
+def exclude_special_tokens(tokenizer, sample_options: dict) -> None:
+    """Add the tokenizer's non-text special tokens to the ``suppress`` of ``sample_options``
+    (a keyword, or the given ``config``'s)."""
+    config = sample_options.get("config")
+    current = sample_options.get("suppress", config.suppress if config is not None else ())
+    sample_options["suppress"] = tuple(sorted(set(current) | set(special_text_ids(tokenizer))))
+
+
 def finish_text(plan: InfillPlan, filled_ids) -> str:
     ids = filled_ids.view(-1).tolist()
     if plan.stop_at is None:
         return fill_text(plan.tokenizer, ids)
-    hole = decode(plan.tokenizer, ids[plan.stop_start:])
+    hole = decode_text(plan.tokenizer, ids[plan.stop_start:])
     cut = hole.find(plan.stop_at)
-    return decode(plan.tokenizer, ids[:plan.stop_start]) + (hole if cut < 0 else hole[:cut])
+    return decode_text(plan.tokenizer, ids[:plan.stop_start]) + (hole if cut < 0 else hole[:cut])
 
 
 def plan_infill(model, text: str, tokenizer=None, *, max_hole=None, length_prior=None, factorization=None,
@@ -347,7 +363,8 @@ def _prior_weights(length_prior):
     return {i + 1: w for i, w in enumerate(weights)}
 
 
-def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = False, **sample_options):
+def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = False, allow_special: bool = False,
+                  **sample_options):
     """Like ``infill``, but calls ``on_text(piece)`` as the text fills in: each piece extends
     the part of the text that is final, left to right (tokens decoded out of order appear once
     everything before them is known). Returns ``(text, result)``.
@@ -363,6 +380,8 @@ def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = Fa
     for name in ("max_hole", "length_prior", "factorization", "stop_at"):
         sample_options.pop(name, None)
     sample_options["seed"] = plan.seed
+    if not allow_special:
+        exclude_special_tokens(tokenizer, sample_options)
     known = (~masked).tolist()
     ids = input_ids.tolist()
     state = {"frontier": 0, "emitted": 0}
@@ -378,9 +397,11 @@ def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = Fa
             f += 1
         if f > state["frontier"]:
             state["frontier"] = f
-            prefix = decode(tokenizer, ids[:f])
             # a prefix may end inside a multi-byte character: wait until it decodes cleanly
-            if not prefix.endswith("\ufffd") and len(prefix) > state["emitted"]:
+            if decode(tokenizer, ids[:f]).endswith("\ufffd"):
+                return
+            prefix = decode_text(tokenizer, ids[:f])
+            if len(prefix) > state["emitted"]:
                 on_text(prefix[state["emitted"] :])
                 state["emitted"] = len(prefix)
 

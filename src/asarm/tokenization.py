@@ -274,6 +274,55 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    """``decode`` for text shown to a person: with a byte-level tokenizer, a sampled byte run that
+    is not valid UTF-8 (a token ending inside a multi-byte character whose continuation never
+    came) is dropped instead of appearing as U+FFFD. Valid text, including a literal U+FFFD, is
+    unchanged; other tokenizers decode as ``decode``."""
+    text = decode(tokenizer, ids)
+    if "\ufffd" not in text:
+        return text
+    data = _byte_level_bytes(tokenizer, ids)
+    return text if data is None else data.decode("utf-8", errors="ignore")
+
+
+def _byte_level_bytes(tokenizer, ids) -> bytes | None:
+    """The raw bytes behind ``ids`` for a byte-level BPE tokenizer (None for any other kind)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        return None
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # rare path: imported lazily
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    added = {int(i): token.content for i, token in backend.get_added_tokens_decoder().items()}
+    out = bytearray()
+    for i in (int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)):
+        if i in added:
+            out += added[i].encode("utf-8")
+            continue
+        piece = backend.id_to_token(i)
+        if piece is None or any(char not in byte_of for char in piece):
+            return None
+        out += bytes(byte_of[char] for char in piece)
+    return bytes(out)
+
+
+def special_text_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the special tokens that are never text (``<unk>``, padding, mask, ``<s>``, ``<cls>``,
+    ``<sep>``; everything the tokenizer lists as special except end-of-text): ``infill``
+    excludes them from the target so a filled hole reads as text."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = set()
+    for name in ("unk_token_id", "pad_token_id", "mask_token_id", "bos_token_id", "cls_token_id", "sep_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            ids.add(int(value))
+    for value in getattr(tokenizer, "all_special_ids", None) or ():
+        ids.add(int(value))
+    ids.discard(eos)
+    return tuple(sorted(ids))
+
+
 def mask_token_id(tokenizer) -> int | None:
     """The tokenizer's mask token id, or None when it has none."""
     if tokenizer is None:

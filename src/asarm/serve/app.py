@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ASARMError, InputError
+from ..tokenization import special_text_ids
 from . import handlers as H
 from .holes import encode_parts, parse_holes
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
@@ -243,7 +244,10 @@ class Api:
         state = self.state
         if body.n > state.loop.max_batch:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
-        config = self.adapter.make_config(body.decode_options())
+        options = body.decode_options()
+        if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
+            options["suppress"] = special_text_ids(state.tokenizer)
+        config = self.adapter.make_config(options)
         seeds = H.seeds_for(body)
         return self.submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length),
                            rounds=body.stream)

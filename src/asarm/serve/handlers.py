@@ -13,7 +13,7 @@ import time
 import uuid
 
 from ..errors import InputError
-from ..tokenization import decode
+from ..tokenization import decode, decode_text
 from .holes import Hole, build_layout, resolve_lengths
 from .loop import RowSpec
 
@@ -54,9 +54,9 @@ class Choice:
         if f == self.frontier:
             return ""
         self.frontier = f
-        text = decode(self.tok, self.ids[:f])[len(self.base):]
-        if text.endswith("\ufffd") and f < self.end:  # a character split across tokens: wait
+        if decode(self.tok, self.ids[:f]).endswith("\ufffd") and f < self.end:  # a character split across tokens: wait
             return ""
+        text = decode_text(self.tok, self.ids[:f])[len(self.base):]
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
@@ -64,7 +64,7 @@ class Choice:
         """The region's final text (what ``apply`` has not sent yet is the tail of it)."""
         self.result = result
         self.ids = result.input_ids.reshape(-1).tolist()
-        return decode(self.tok, self.ids[:self.end])[len(self.base):]
+        return decode_text(self.tok, self.ids[:self.end])[len(self.base):]
 
 
 def make_prepare(model, parts, config, body, seeds: list[int], max_length: int):

@@ -29,6 +29,7 @@ class Sampler(BaseModel):
     bonus: bool = False
     one_pass: bool = False
     adaptive_k: bool = False
+    allow_special: bool = False  # let holes contain <unk>, <s>, padding, ... (excluded by default)
     order: Literal["left-to-right", "random"] = "left-to-right"
     max_hole: int = Field(32, ge=1, le=4096, description="longest length tried for [MASK] / a suffix")
 
