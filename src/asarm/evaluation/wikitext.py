@@ -1,6 +1,8 @@
 """``asarm eval wikitext``: the paper's speed/quality table (docs/design.md, "Paper results").
 
-Protocol: the WikiText-2 test split is encoded line by line with the model's tokenizer and the
+Protocol: the WikiText-2 test split (``--text clean``, the default: detokenized, sentences with
+``<unk>`` dropped, as ``asarm.data`` reads WikiText for training; ``--text raw``: the tokenized
+release as it is) is encoded line by line with the model's tokenizer and the
 token stream cut into consecutive chunks of ``--length`` tokens (the last partial chunk is
 dropped; chunk i is the same whatever ``--limit`` is). In each chunk round(hidden_fraction * L)
 positions, drawn uniformly at random (per chunk, from ``--seed``), are hidden and re-generated,
@@ -39,7 +41,10 @@ class WikiTextTask:
     name = "wikitext"
 
     def __init__(self, model, *, data=None, length: int | None = None, hidden_fraction: float = 0.95,
-                 seed: int = 0, evaluator: str = "auto", evaluator_batch_size: int = 8):
+                 seed: int = 0, evaluator: str = "auto", evaluator_batch_size: int = 8, text: str = "clean"):
+        if text not in ("clean", "raw"):
+            raise InputError(f"--text must be clean or raw, got {text!r}")
+        self.text = text
         self.model = model
         self.tokenizer = _tokenizer(model)
         max_len = model.config.max_length
@@ -59,7 +64,7 @@ class WikiTextTask:
         self.evaluator = make_evaluator(evaluator, model, evaluator_batch_size)
 
     def settings(self) -> dict:
-        return {"data": self.source or str(self.data), "length": self.length,
+        return {"data": self.source or str(self.data), "text": self.text, "length": self.length,
                 "hidden_fraction": self.hidden_fraction, "hidden_per_chunk": self.num_hidden(),
                 "evaluator": self.evaluator.name if self.evaluator else None,
                 "evaluator_label": self.evaluator.label if self.evaluator else None}
@@ -68,6 +73,15 @@ class WikiTextTask:
         return max(1, min(self.length, round(self.hidden_fraction * self.length)))
 
     def lines(self):
+        from ..data import detokenize_wikitext_line
+
+        for line in self.raw_lines():
+            if self.text == "raw":
+                yield line
+            elif line.strip() and (clean := detokenize_wikitext_line(line)):
+                yield clean + "\n"
+
+    def raw_lines(self):
         if self.data is not None and str(self.data).startswith("hf:"):
             yield from _hf_lines(str(self.data)[3:])
             return
@@ -269,8 +283,11 @@ def add_arguments(p) -> None:
                    "path (paper: gpt2-large), 'self' (the model's own left-to-right likelihood), 'none', or 'auto' "
                    "(gpt2-large if loadable, else self)")
     p.add_argument("--evaluator-batch-size", type=int, default=8)
+    p.add_argument("--text", default="clean", choices=["clean", "raw"], help="clean (default): detokenized, "
+                   "sentences with <unk> dropped; raw: the tokenized release as it is")
 
 
 def build_task(model, args) -> WikiTextTask:
     return WikiTextTask(model, data=args.data, length=args.length, hidden_fraction=args.hidden_fraction,
-                        seed=args.seed, evaluator=args.evaluator, evaluator_batch_size=args.evaluator_batch_size)
+                        seed=args.seed, evaluator=args.evaluator, evaluator_batch_size=args.evaluator_batch_size,
+                        text=args.text)

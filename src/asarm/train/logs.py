@@ -53,17 +53,21 @@ def plot_losses(out_dir: Path, train_rows: list[dict], valid_rows: list[dict]) -
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_rows:
-        ax.plot([int(r["step"]) for r in train_rows], [float(r["loss"]) for r in train_rows],
-                label="train (current masking rate)", lw=0.8)
-    if valid_rows:
-        ax.plot([int(r["step"]) for r in valid_rows], [float(r["valid_loss"]) for r in valid_rows],
-                "o-", label="validation (85-99% hidden, fixed masks)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy per hidden token (nats)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    # one panel per x axis: tokens seen and training minutes (summed over resumed sessions)
+    by_step = {int(r["step"]): r for r in train_rows}
+    axes_x = (("tokens", 1e-6, "tokens seen (millions)"), ("elapsed_s", 1 / 60, "training time (minutes)"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (field, scale, label) in zip(axes, axes_x):
+        if train_rows and field in train_rows[0]:
+            ax.plot([float(r[field]) * scale for r in train_rows], [float(r["loss"]) for r in train_rows],
+                    label="train (current masking rate)", lw=0.8)
+            valid = [r for r in valid_rows if int(r["step"]) in by_step]
+            ax.plot([float(by_step[int(r["step"])][field]) * scale for r in valid],
+                    [float(r["valid_loss"]) for r in valid], "o-", label="validation (85-99% hidden, fixed masks)")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy per hidden token (nats)")
+    axes[0].legend()
     fig.tight_layout()
     try:
         with writing(str(out_dir / "loss.png")):
