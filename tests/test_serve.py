@@ -3,6 +3,8 @@ concurrent same-seed requests, the bad-input table, 429, disconnects, timeouts, 
 
 from __future__ import annotations
 
+import itertools
+
 import concurrent.futures as cf
 import sys
 import time
@@ -313,34 +315,36 @@ def test_request_timeout():
 
 
 def test_unknown_length_uses_the_posterior(monkeypatch, server):
-    """[MASK] and a suffix without hole_length go through asarm.lengths.length_posterior: greedy
-    takes its argmax and the answer reports the length and its probability."""
-    import types
+    """[MASK] and a suffix without hole_length go through the library's length choice
+    (asarm.text.choose_plan -> asarm.lengths.joint_posterior, the markup parsed by asarm.text,
+    a space before the hole moved into it): greedy takes the argmax and the answer reports the
+    length and its probability; the completion leaves out the prompt's own trailing space."""
+    import asarm.lengths
 
     calls = []
 
-    def length_posterior(model, left_ids, right_ids, lengths=range(1, 33), prior=None, temperature=1.0,
-                         factorization="right-given-left"):
-        calls.append((left_ids.tolist(), right_ids.tolist(), list(lengths)))
-        probs = torch.full((len(lengths),), 0.5 / (len(lengths) - 1))
-        probs[list(lengths).index(3)] = 0.5
-        return probs
+    def joint_posterior(model, segments, candidates, *, prior=None, temperature=1.0, factorization="right-given-left"):
+        calls.append((segments, candidates))
+        cells = [tuple(c) for c in itertools.product(*candidates)]
+        probs = torch.full((len(cells),), 0.5 / (len(cells) - 1))
+        probs[[c[0] for c in cells].index(3)] = 0.5
+        return cells, probs
 
-    fake = types.ModuleType("asarm.lengths")
-    fake.length_posterior = length_posterior
-    monkeypatch.setitem(sys.modules, "asarm.lengths", fake)
-    monkeypatch.setattr(asarm, "lengths", fake, raising=False)
+    monkeypatch.setattr(asarm.lengths, "joint_posterior", joint_posterior)
     url = server[0]
     r = httpx.post(url + "/v1/infill", json={"text": "The [MASK] sat on the mat.", "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text
     hole = r.json()["choices"][0]["holes"][0]
     assert hole["length"] == 3 and abs(hole["probability"] - 0.5) < 1e-6
+    assert r.json()["choices"][0]["text"].startswith("The ") and "  " not in r.json()["choices"][0]["text"]
     model = shipped_model()
     enc = asarm.tokenization.encode
-    assert calls[-1] == (enc(model.tokenizer, "The "), enc(model.tokenizer, " sat on the mat."), list(range(1, 33)))
-    body = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "suffix": " and sat.", "max_tokens": 6,
-                                                      "temperature": 0}, timeout=60).json()
-    assert body["choices"][0]["asarm"]["holes"][0]["length"] == 3 and calls[-1][2] == list(range(1, 7))
+    assert calls[-1] == ([enc(model.tokenizer, "The"), enc(model.tokenizer, " sat on the mat.")], [list(range(1, 33))])
+    body = httpx.post(url + "/v1/completions", json={"prompt": "The cat sat on the ", "suffix": " and sat.",
+                                                      "max_tokens": 6, "temperature": 0}, timeout=60).json()
+    assert body["choices"][0]["asarm"]["holes"][0]["length"] == 3 and calls[-1][1] == [list(range(1, 7))]
+    assert calls[-1][0][0] == enc(model.tokenizer, "The cat sat on the")  # the space moved into the hole
+    assert not body["choices"][0]["text"].startswith(" ")  # the client already has that space
 
 
 def test_loadtest_runs_and_writes_results(server, tmp_path):
@@ -356,12 +360,3 @@ def test_loadtest_runs_and_writes_results(server, tmp_path):
     assert all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in data["summary"])
     assert data["summary"][0]["speedup_vs_one_at_a_time"] == 1.0
     assert (tmp_path / "throughput.png").stat().st_size > 1000
-
-
-def test_unknown_length_without_the_length_module_is_a_400(monkeypatch, client):
-    monkeypatch.setitem(sys.modules, "asarm.lengths", None)  # import fails as in a build without it
-    for stream in (False, True):  # a stream is refused before its headers, not with an event
-        r = client.post("/v1/infill", json={"text": "The [MASK] sat on the mat.", "stream": stream})
-        assert r.status_code == 400 and "hole_length" in r.json()["error"]["message"]
-    r = client.post("/v1/completions", json={"prompt": PROMPT, "suffix": " and sat.", "stream": True})
-    assert r.status_code == 400

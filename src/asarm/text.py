@@ -135,23 +135,27 @@ def space_joins_next_word(tokenizer) -> bool:
     return len(pieces) >= 2 and pieces[-1][1][0] == 1
 
 
-def split_markup(tokenizer, text: str) -> tuple[list[list[int]], list[int | Hole]]:
+def split_markup(tokenizer, text: str, return_shifted: bool = False):
     """(K+1 token-id segments, K holes) of a marked-up text: the literal text between the holes
     encoded separately, one space before a hole moved into the hole when the tokenizer attaches
-    spaces to the following word (see the module docstring)."""
+    spaces to the following word (see the module docstring). ``return_shifted`` adds, per hole,
+    whether a space moved into it."""
     parts = parse_markup(text)
     shift = any(isinstance(p, str) and p.endswith(" ") for p in parts) and space_joins_next_word(tokenizer)
     segments: list[list[int]] = [[]]
     holes: list[int | Hole] = []
+    shifted: list[bool] = []
+    moved = False
     for j, part in enumerate(parts):
         if isinstance(part, str):
-            if shift and part.endswith(" ") and j + 1 < len(parts) and not isinstance(parts[j + 1], str):
-                part = part[:-1]
-            segments[-1] += encode(tokenizer, part)
+            moved = shift and part.endswith(" ") and j + 1 < len(parts) and not isinstance(parts[j + 1], str)
+            segments[-1] += encode(tokenizer, part[:-1] if moved else part)
         else:
             holes.append(part)
+            shifted.append(moved)
+            moved = False
             segments.append([])
-    return segments, holes
+    return (segments, holes, shifted) if return_shifted else (segments, holes)
 
 
 def _mask_id(tokenizer, mask_token_id: int | None) -> int:
@@ -271,33 +275,76 @@ def plan_infill(model, text: str, tokenizer=None, *, max_hole=None, length_prior
     """Parse ``text``, check it against the model and choose every hole's length. The length
     evidence uses the decoding's temperature and greedy flag (from ``config``, a DecodeConfig,
     when given)."""
-    import random
-
     if config is not None:
         temperature, greedy = config.temperature, config.greedy
+    markup = read_markup(model, text, tokenizer, max_hole=max_hole, stop_at=stop_at)
+    return choose_plan(model, markup, length_prior=length_prior, factorization=factorization,
+                       temperature=temperature, greedy=greedy, seed=seed)
 
-    from .lengths import DEFAULT_MAX_HOLE, choose_lengths
+
+@dataclasses.dataclass
+class Markup:
+    """A marked-up text encoded and checked against a model; its holes' lengths not yet chosen."""
+
+    tokenizer: object
+    segments: list  # K + 1 token-id lists around the K holes
+    candidates: list  # per hole, the lengths it may have (one: a given length)
+    stop_at: str | None = None
+    stop_start: int = 0
+    shifted: list = dataclasses.field(default_factory=list)  # per hole: a space moved into it
+    limit: int | None = None  # the longest row allowed (the model's max_length unless capped)
+
+
+def read_markup(model, text: str, tokenizer=None, *, max_hole=None, stop_at=None, max_length=None) -> Markup:
+    """Everything of an infill request that needs no network pass: parse, encode, check the
+    vocabulary, the length limit (the model's, or ``max_length`` when given) and ``stop_at``;
+    the candidate lengths of every hole."""
+    from .lengths import DEFAULT_MAX_HOLE
 
     tokenizer = _tokenizer(model, tokenizer)
-    model_config = model.config
-    segments, holes = split_markup(tokenizer, text)
+    segments, holes, shifted = split_markup(tokenizer, text, return_shifted=True)
     if not holes:
         raise InputError("the text has no holes: mark what to fill with [MASK] or [MASK:n], e.g. 'A [MASK:3] day'")
-    _check_vocabulary(segments, model_config.vocab_size)
-    limit = getattr(model_config, "max_length", None)
+    _check_vocabulary(segments, model.config.vocab_size)
+    limit = max_length if max_length is not None else getattr(model.config, "max_length", None)
     candidates = _candidates(segments, holes, DEFAULT_MAX_HOLE if max_hole is None else max_hole, limit)
     stop_start = 0
     if stop_at is not None:
         candidates, stop_start = _stop_candidates(segments, holes, candidates, stop_at)
+    return Markup(tokenizer, segments, candidates, stop_at, stop_start, shifted, limit)
+
+
+def choose_plan(model, markup: Markup, *, length_prior=None, factorization=None, temperature=1.0,
+                greedy=False, seed=None) -> InfillPlan:
+    """Choose every hole's length (``asarm.lengths.choose_lengths``; seeded) and lay the row out."""
+    import random
+
+    from .lengths import choose_lengths
+
     if seed is None:
         seed = random.SystemRandom().randrange(2**62)
     generator = torch.Generator().manual_seed((int(seed) * 2_862_933_555_777_941_757 + 3_037_000_493) % (2**63))
     prior = _prior_weights(length_prior)
-    choices = choose_lengths(model, segments, candidates, prior=[prior] * len(holes), temperature=temperature,
-                             greedy=greedy, factorization=factorization or default_factorization(model),
-                             generator=generator)
-    input_ids, masked = assemble(segments, [c.length for c in choices], model_config.mask_token_id, limit)
-    return InfillPlan(tokenizer, input_ids, masked, choices, stop_at, stop_start, int(seed))
+    choices = choose_lengths(model, markup.segments, markup.candidates, prior=[prior] * len(markup.candidates),
+                             temperature=temperature, greedy=greedy,
+                             factorization=factorization or default_factorization(model), generator=generator)
+    input_ids, masked = assemble(markup.segments, [c.length for c in choices], model.config.mask_token_id,
+                                 markup.limit)
+    return InfillPlan(markup.tokenizer, input_ids, masked, choices, markup.stop_at, markup.stop_start, int(seed))
+
+
+def hole_spans(plan: InfillPlan, markup: Markup) -> list[tuple[int, int]]:
+    """(start, end) token positions of every hole of a planned row."""
+    spans, position = [], len(markup.segments[0])
+    for choice, segment in zip(plan.lengths, markup.segments[1:]):
+        spans.append((position, position + choice.length))
+        position += choice.length + len(segment)
+    return spans
+
+
+def escape_markup(text: str) -> str:
+    """Literal text as markup: its ``[`` and backslashes escaped (``"[MASK]"`` stays text)."""
+    return text.replace("\\", "\\\\").replace("[", "\\[")
 
 
 def default_factorization(model) -> str:

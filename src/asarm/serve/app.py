@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ASARMError, InputError
 from ..tokenization import special_text_ids
 from . import handlers as H
-from .holes import encode_parts, parse_holes
+from .holes import completion_markup, infill_markup
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
 from .schemas import CompletionRequest, InfillRequest, ScoreRequest
@@ -240,7 +240,7 @@ class Api:
             raise
         return job
 
-    def generation_job(self, body, parts) -> Job:
+    def generation_job(self, body, markup) -> Job:
         state = self.state
         if body.n > state.loop.max_batch:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
@@ -249,21 +249,20 @@ class Api:
             options["suppress"] = special_text_ids(state.tokenizer)
         config = self.adapter.make_config(options)
         seeds = H.seeds_for(body)
-        return self.submit(body.n, H.make_prepare(state.model, parts, config, body, seeds, state.max_length),
+        return self.submit(body.n, H.make_prepare(state.model, markup, config, body, seeds),
                            rounds=body.stream)
 
     async def completions(self, request, body: CompletionRequest):
-        parts = H.completion_parts(self.state.tokenizer, body, self.state.max_length)
-        job = self.generation_job(body, parts)
+        markup = completion_markup(self.state.model, self.state.tokenizer, body, self.state.max_length)
+        job = self.generation_job(body, markup)
         run = CompletionRun(self.state, body, job, suffix=body.suffix is not None)
         if body.stream:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
     async def infill(self, request, body: InfillRequest):
-        max_length = self.state.max_length
-        parts = encode_parts(self.state.tokenizer, parse_holes(body.text, min(body.max_hole, max_length)), max_length)
-        job = self.generation_job(body, parts)
+        markup = infill_markup(self.state.model, self.state.tokenizer, body.text, body.max_hole, self.state.max_length)
+        job = self.generation_job(body, markup)
         run = InfillRun(self.state, body, job)
         if body.stream:
             return await stream_response(request, job, run)
@@ -360,7 +359,8 @@ class CompletionRun:
     def _start(self, layouts) -> None:
         for lay in layouts:
             hole = lay.holes[0]
-            self.choices.append(H.Choice(self.state.tokenizer, lay, hole["start"], hole["start"] + hole["length"]))
+            self.choices.append(H.Choice(self.state.tokenizer, lay, hole["start"], hole["start"] + hole["length"],
+                                         drop_space=lay.space_moved))
 
     def _done(self, index: int, result) -> str:
         ch = self.choices[index]

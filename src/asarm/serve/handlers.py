@@ -14,7 +14,7 @@ import uuid
 
 from ..errors import InputError
 from ..tokenization import decode, decode_text
-from .holes import Hole, build_layout, resolve_lengths
+from .holes import plan_layouts
 from .loop import RowSpec
 
 
@@ -36,8 +36,11 @@ class Choice:
     """One row as it fills in: the known tokens, the round that produced each, and the text of
     ``[start, end)`` that is final so far (left to right; ASSD may fill out of order)."""
 
-    def __init__(self, tokenizer, layout, start: int, end: int):
+    def __init__(self, tokenizer, layout, start: int, end: int, drop_space: bool = False):
         self.tok, self.layout, self.start, self.end = tokenizer, layout, start, end
+        # the region follows text that ended in a space, and that space moved into the region:
+        # the client already has it, so the region's text starts after it
+        self.drop_space = drop_space
         self.ids = layout.input_ids.tolist()
         self.known = (~layout.masked).tolist()
         self.base = decode(tokenizer, self.ids[:start])
@@ -56,7 +59,7 @@ class Choice:
         self.frontier = f
         if decode(self.tok, self.ids[:f]).endswith("\ufffd") and f < self.end:  # a character split across tokens: wait
             return ""
-        text = decode_text(self.tok, self.ids[:f])[len(self.base):]
+        text = self._region(f)
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
@@ -64,17 +67,19 @@ class Choice:
         """The region's final text (what ``apply`` has not sent yet is the tail of it)."""
         self.result = result
         self.ids = result.input_ids.reshape(-1).tolist()
-        return decode_text(self.tok, self.ids[:self.end])[len(self.base):]
+        return self._region(self.end)
+
+    def _region(self, end: int) -> str:
+        text = decode_text(self.tok, self.ids[:end])[len(self.base):]
+        return text[1:] if self.drop_space and text.startswith(" ") else text
 
 
-def make_prepare(model, parts, config, body, seeds: list[int], max_length: int):
+def make_prepare(model, markup, config, body, seeds: list[int]):
     """The job's engine-thread half: choose hole lengths per choice, lay out each row."""
-    mask_id = model.config.mask_token_id
 
     def prepare():
-        rngs = [random.Random(s) for s in seeds]
-        lengths = resolve_lengths(model, parts, rngs, body.is_greedy, max_length)
-        layouts = [build_layout(parts, ls, mask_id) for ls in lengths]
+        greedy = body.is_greedy
+        layouts = plan_layouts(model, markup, seeds, greedy=greedy, temperature=1.0 if greedy else body.temperature)
         rows = [RowSpec(lay.input_ids, lay.masked, config, seed=s, order=body.order,
                         return_logprobs=bool(getattr(body, "logprobs", False)))
                 for lay, s in zip(layouts, seeds)]
@@ -86,29 +91,6 @@ def make_prepare(model, parts, config, body, seeds: list[int], max_length: int):
 def seeds_for(body) -> list[int]:
     base = body.seed if body.seed is not None else random.SystemRandom().randrange(2**62)
     return [base + i for i in range(body.n)]
-
-
-def completion_parts(tokenizer, body, max_length: int) -> list:
-    """prompt [+ hole + suffix] as token lists and a Hole: without a suffix the hole continues
-    the prompt for max_tokens tokens; with one, its length is ``hole_length`` or chosen from the
-    posterior over 1..min(max_tokens, max_hole)."""
-    from ..tokenization import encode
-
-    prompt = encode(tokenizer, body.prompt)
-    if body.suffix is None:
-        if body.hole_length is not None:
-            raise InputError("hole_length goes with a suffix; without one, max_tokens is the length")
-        hole = Hole(body.max_tokens, body.max_tokens)
-        parts = [prompt, hole]
-    else:
-        n = body.hole_length
-        hole = Hole(n, n) if n is not None else Hole(1, min(body.max_tokens, body.max_hole))
-        parts = [prompt, hole, encode(tokenizer, body.suffix)]
-    total = len(prompt) + hole.low + (len(parts[2]) if len(parts) == 3 else 0)
-    if total > max_length:
-        raise InputError(f"prompt, suffix and {hole.low} generated tokens make {total} tokens, more than "
-                         f"the model's maximum length of {max_length}; lower max_tokens or shorten the text")
-    return parts
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish=None, **extra) -> dict:
