@@ -360,3 +360,17 @@ def test_loadtest_runs_and_writes_results(server, tmp_path):
     assert all(r["errors"] == 0 and r["tokens_per_s"] > 0 for r in data["summary"])
     assert data["summary"][0]["speedup_vs_one_at_a_time"] == 1.0
     assert (tmp_path / "throughput.png").stat().st_size > 1000
+
+
+def test_bench_serve_is_the_load_test(server, tmp_path):
+    """`asarm bench serve` runs the same load test from the main command line."""
+    import json
+
+    from asarm.cli import main
+
+    rc = main(["bench", "serve", "--url", server[0], "--clients", "1", "--duration", "1", "--repeats", "1",
+               "--max-tokens", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["setup"]["command"].startswith(f"asarm bench serve --url {server[0]} --clients 1")
+    assert data["summary"][0]["clients"] == 1 and data["summary"][0]["errors"] == 0

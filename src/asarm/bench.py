@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -297,7 +296,7 @@ def cmd_bench(args) -> int:
                 device=str(model.device), dtype=str(model.dtype), torch=torch.__version__,
                 threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                 window=args.window, full=args.full, timing="full runs" if args.full else
-                "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command="asarm " + " ".join(sys.argv[1:]),
+                "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command=getattr(args, "command_line", "asarm bench"),
                 inputs=args.text_file or "uniformly random tokens", full_pass_seconds=full_pass,
                 copy_bandwidth_bytes_per_s=bandwidth)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, records=records), indent=2))
@@ -332,3 +331,17 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=cmd_bench)
+    from .serve import loadtest  # the standard library and httpx only: no server stack
+
+    targets = p.add_subparsers(dest="bench_target", metavar="serve", required=False,
+                               help="'asarm bench serve ...': load-test the server instead (asarm bench serve --help)")
+    q = targets.add_parser("serve", help="load-test asarm serve on loopback: N concurrent clients vs one at a time",
+                           description=loadtest.__doc__.split("\n\n")[0])
+    loadtest.add_arguments(q)
+    q.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args) -> int:
+    from .serve import loadtest
+
+    return loadtest.run(args, args.command_line)

@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(command_name(argv))
     args = parser.parse_args(argv)
+    args.command_line = "asarm " + " ".join(argv)  # recorded by commands that write results
     try:
         if hasattr(args, "threads"):
             if args.command == "train":  # training keeps its threads in its config (the default there)

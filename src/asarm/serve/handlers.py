@@ -12,7 +12,6 @@ import random
 import time
 import uuid
 
-from ..errors import InputError
 from ..tokenization import decode, decode_text
 from .holes import plan_layouts
 from .loop import RowSpec

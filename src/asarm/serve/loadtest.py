@@ -1,6 +1,7 @@
 """Load test of ``asarm serve`` on loopback: closed-loop clients for a bounded time.
 
-    python -m asarm.serve.loadtest --clients 1,8,32 --duration 30 --repeats 3 --out results/serve-cpu
+    asarm bench serve --clients 1,8,32 --duration 30 --repeats 3 --out results/serve-cpu
+    python -m asarm.serve.loadtest ...   (the same)
 
 Starts ``asarm serve`` as a subprocess (or uses ``--url``), then for each client count N runs N
 clients that each send /v1/completions requests back to back for ``--duration`` seconds (then
@@ -187,6 +188,12 @@ def summarize(runs: list[dict], counts: list[int]) -> list[dict]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m asarm.serve.loadtest", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_arguments(p) -> None:
+    """The load test's options (``python -m asarm.serve.loadtest`` and ``asarm bench serve``)."""
     p.add_argument("--url", default=None, help="an already running server (default: start asarm serve)")
     p.add_argument("--model", default=None, help="model for the started server (default asarm-en-small)")
     p.add_argument("--clients", default="1,8,32", help="comma-separated client counts; 1 = one at a time")
@@ -200,11 +207,14 @@ def parse_args(argv):
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the started server")
     p.add_argument("--out", default="results/serve-cpu")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run(parse_args(argv), "python -m asarm.serve.loadtest " + " ".join(argv))
+
+
+def run(args, command: str) -> int:
     counts = [int(x) for x in args.clients.split(",")]
 
     def body_of(cid: int, i: int) -> dict:
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(args, k) for k in ("duration", "repeats", "max_tokens", "method", "k", "max_batch", "threads")}
     setup.update(model=args.model or "asarm-en-small", cpu=platform.processor() or platform.machine(),
-                 cpu_count=os.cpu_count(), command="python -m asarm.serve.loadtest " + " ".join(argv or sys.argv[1:]),
+                 cpu_count=os.cpu_count(), command=command,
                  note="loopback; load-test clients and server on the same machine, which other jobs shared")
     (out / "results.json").write_text(json.dumps({"setup": setup, "summary": summary, "runs": runs}, indent=2) + "\n")
     plot(summary, runs, out / "throughput.png",
