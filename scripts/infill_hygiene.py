@@ -1,0 +1,73 @@
+"""Does a model's default infill read as text? 100 default infills, counted.
+
+    python scripts/infill_hygiene.py MODEL [--n 100] [--allow-special] [--out results/infill-hygiene/NAME.json]
+
+Texts: the first N ROCStories stories (../shared/data/rocstories) with sentence 3 replaced by
+``[MASK]`` (a hole of unknown length, as a person would write it). Each text is filled with
+``asarm.infill`` at its defaults (ASSD self-draft k = 5, temperature 1, seed = the story's index).
+Counts, over the N outputs: outputs containing ``<unk>`` or any other special-token string,
+outputs containing U+FFFD, holes whose text starts or ends with a doubled space or glues onto
+the next word. ``--allow-special`` turns off the exclusion of non-text special tokens (what
+``infill`` did before it excluded them).
+"""
+
+import argparse
+import csv
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from asarm.checkpoint import load_model  # noqa: E402
+from asarm.text import infill  # noqa: E402
+
+SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "<mask>", "<cls>", "<sep>")
+
+
+def stories(n: int) -> list[tuple[str, str, str]]:
+    path = Path(__file__).resolve().parents[2] / "shared/data/rocstories/cloze_test_val__spring2016.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:n]
+    return [(" ".join(r[f"InputSentence{i}"] for i in (1, 2)), r["InputSentence3"],
+             " ".join([r["InputSentence4"], r["AnswerRightEnding"]])) for r in rows]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--allow-special", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, device="cpu")
+    counts = {"special": 0, "unk": 0, "replacement_char": 0, "bad_boundary": 0}
+    samples = []
+    start = time.perf_counter()
+    for i, (left, _, right) in enumerate(stories(args.n)):
+        out = infill(model, f"{left} [MASK] {right}", seed=i, allow_special=args.allow_special)
+        middle = out[len(left):len(out) - len(right)] if out.startswith(left) and out.endswith(right) else None
+        counts["special"] += any(s in out for s in SPECIAL)
+        counts["unk"] += "<unk>" in out
+        counts["replacement_char"] += "\ufffd" in out
+        counts["bad_boundary"] += middle is None or not middle.startswith(" ") or not middle.endswith(" ") \
+            or middle.startswith("  ") or middle.endswith("  ")
+        samples.append(out)
+    result = {"model": args.model, "n": args.n, "allow_special": args.allow_special, "counts": counts,
+              "threads": args.threads, "seconds": round(time.perf_counter() - start, 1),
+              "command": "python scripts/infill_hygiene.py " + " ".join(sys.argv[1:]), "first_samples": samples[:10]}
+    print(json.dumps({k: v for k, v in result.items() if k != "first_samples"}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
