@@ -21,6 +21,10 @@ if [ "$KIND" = en ]; then
   $ASARM eval rocstories --model "$M" --method assd $COMMON --output "$OUT/rocstories"
   # 100 default infills: <unk>, U+FFFD, spacing
   python scripts/infill_hygiene.py "$M" --n 100 --out "$OUT/infill-hygiene.json"
+  # the same without the exclusion of special tokens (what infill did before it excluded them)
+  python scripts/infill_hygiene.py "$M" --n 100 --allow-special --out "$OUT/infill-hygiene-allow-special.json"
 else
+  # held-out chain perplexity on the standard library's own test files (never trained on)
+  python scripts/heldout_loss.py "$M" python-stdlib-tests --kind code --seq-len 256 --max-chunks 256 > "$OUT/stdlib-tests-heldout.json"
   $ASARM eval humaneval-infilling --model "$M" --variant single-line --max-tokens 256 --workers 1 $COMMON --output "$OUT/humaneval-single-line"
 fi

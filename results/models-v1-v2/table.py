@@ -33,6 +33,8 @@ def rows(v: str) -> dict:
     d = HERE / v
     held = read(d / "wikitext-heldout.json")
     hyg = read(d / "infill-hygiene.json")
+    hyg_free = read(d / "infill-hygiene-allow-special.json")
+    stdlib = read(d / "stdlib-tests-heldout.json")
     he = d / "humaneval-single-line"
     if v == "v1" and not (he / "summary.json").is_file():
         he = HERE.parent / "humaneval-single-line"
@@ -44,10 +46,14 @@ def rows(v: str) -> dict:
         "**one-pass ASSD passes per token**, k = 5 (target ≤ 0.60)": fmt(metric(d / "wikitext-one-pass", "passes_per_token")),
         "ROCStories ROUGE-1 / 2 / L (×100, ASSD k = 5)": " / ".join(
             fmt(metric(d / "rocstories", n), 2) for n in ("rouge1", "rouge2", "rougeL")),
+        "Python `Lib/test/test_*.py` chain perplexity (85-99% hidden)": f"{stdlib['ppl']:.1f}" if stdlib else "–",
         "**HumanEval single-line pass@1** (%, 1,033 tasks; target ≥ 5%)": fmt(metric(he, "pass@1"), 2),
         "100 default `[MASK]` infills with `<unk>` (target 0)": str(hyg["counts"]["unk"]) if hyg else "–",
-        "… with U+FFFD / with a bad space at a hole edge": (f"{hyg['counts']['replacement_char']} / "
-                                                           f"{hyg['counts']['bad_boundary']}") if hyg else "–",
+        "… with U+FFFD / a doubled space at a hole edge / a hole glued to the word before": (
+            f"{hyg['counts']['replacement_char']} / {hyg['counts']['double_space']} / {hyg['counts']['glued']}")
+        if hyg else "–",
+        "… `<unk>` with the exclusion turned off (`allow_special`, as before)": str(hyg_free["counts"]["unk"])
+        if hyg_free else "–",
     }
 
 
