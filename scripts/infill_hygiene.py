@@ -6,8 +6,10 @@ Texts: the first N ROCStories stories (../shared/data/rocstories) with sentence 
 ``[MASK]`` (a hole of unknown length, as a person would write it). Each text is filled with
 ``asarm.infill`` at its defaults (ASSD self-draft k = 5, temperature 1, seed = the story's index).
 Counts, over the N outputs: outputs containing ``<unk>`` or any other special-token string,
-outputs containing U+FFFD, holes whose text starts or ends with a doubled space or glues onto
-the next word. ``--allow-special`` turns off the exclusion of non-text special tokens (what
+outputs containing U+FFFD, holes with a doubled space at either edge (the hole's text starts
+with a space after the context's space, or ends with one before it), and holes glued to the
+word before them (their first character is a letter or digit: the model chose a token without
+the word's leading space; a newline or punctuation there is not counted). ``--allow-special`` turns off the exclusion of non-text special tokens (what
 ``infill`` did before it excluded them).
 """
 
@@ -47,7 +49,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
-    counts = {"special": 0, "unk": 0, "replacement_char": 0, "bad_boundary": 0}
+    counts = {"special": 0, "unk": 0, "replacement_char": 0, "double_space": 0, "glued": 0}
     samples = []
     start = time.perf_counter()
     for i, (left, _, right) in enumerate(stories(args.n)):
@@ -56,8 +58,9 @@ def main() -> int:
         counts["special"] += any(s in out for s in SPECIAL)
         counts["unk"] += "<unk>" in out
         counts["replacement_char"] += "\ufffd" in out
-        counts["bad_boundary"] += middle is None or not middle.startswith(" ") or not middle.endswith(" ") \
-            or middle.startswith("  ") or middle.endswith("  ")
+        # the markup moved the space before the hole into it, and " " + right is the right context
+        counts["double_space"] += middle is None or middle.startswith("  ") or middle.endswith("  ")
+        counts["glued"] += bool(middle) and middle[0].isalnum()
         samples.append(out)
     result = {"model": args.model, "n": args.n, "allow_special": args.allow_special, "counts": counts,
               "threads": args.threads, "seconds": round(time.perf_counter() - start, 1),
