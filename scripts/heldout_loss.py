@@ -20,16 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from asarm import load_model  # noqa: E402
 from asarm.train import evaluate_sources  # noqa: E402
 
 
-def unigram_baseline(model_name, fit_source, sources, args) -> dict:
+def unigram_baseline(model, fit_source, sources, args) -> dict:
     import math
 
-    from asarm import load_model
     from asarm.data import load_documents, pack, tokenize_documents
 
-    model = load_model(model_name, device="cpu")
     tok, eos, vocab = model.tokenizer, model.config.eos_token_id, model.config.vocab_size
     counts = torch.ones(vocab, dtype=torch.float64)  # add-one smoothing
     for ids in tokenize_documents(tok, load_documents(fit_source, kind=args.kind)):
@@ -55,11 +54,12 @@ def main() -> int:
     p.add_argument("--unigram-fit", default=None, metavar="SOURCE", help="fit a unigram baseline on SOURCE")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    res = evaluate_sources(args.model, args.sources, kind=args.kind, seq_len=args.seq_len,
+    model = load_model(args.model, device="cpu")  # one load for the chain loss and the unigram baseline
+    res = evaluate_sources(model, args.sources, kind=args.kind, seq_len=args.seq_len,
                            max_chunks=args.max_chunks, seed=args.seed, low=args.hidden[0], high=args.hidden[1],
                            max_chars=args.max_chars)
     if args.unigram_fit:
-        res.update(unigram_baseline(args.model, args.unigram_fit, args.sources, args))
+        res.update(unigram_baseline(model, args.unigram_fit, args.sources, args))
         res["ratio_to_unigram"] = res["unigram_perplexity"] / res["ppl"]
     res["model"] = args.model
     res["sources"] = args.sources

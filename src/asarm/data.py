@@ -114,6 +114,12 @@ def detokenize_wikitext(text: str) -> str:
     return "".join(line + "\n" for line in lines if line)
 
 
+def wikitext_articles(text: str) -> list[str]:
+    """A WikiText file's text -> its articles as clean documents (empty ones dropped)."""
+    articles = (detokenize_wikitext(doc) for doc in split_wikitext(text))
+    return [article for article in articles if article.strip()]
+
+
 def untag_brown(raw: str) -> str:
     """Brown corpus file -> readable text: tags stripped, one paragraph per line."""
     paragraphs = []
@@ -176,8 +182,7 @@ def _text_documents(text: str, name: str) -> list[str]:
         return [text] if text.strip() else []
     lines = text.splitlines()[:50]
     if any(WIKI_TITLE.match(l) for l in lines):
-        articles = (detokenize_wikitext(doc) for doc in split_wikitext(text))
-        return [article for article in articles if article.strip()]
+        return wikitext_articles(text)
     return split_long(text)
 
 
@@ -288,7 +293,7 @@ def _hf_documents(spec: str) -> Iterator[str]:
         raise InputError(f"{spec}: data set has no 'text' or 'content' column (columns: {ds.column_names})")
     texts = ds[field]
     if name.startswith("wikitext") or (texts and any(WIKI_TITLE.match(t.rstrip("\n")) for t in texts[:50])):
-        yield from (doc for doc in map(detokenize_wikitext, split_wikitext("".join(texts))) if doc.strip())
+        yield from wikitext_articles("".join(texts))
     else:
         yield from (t for t in texts if t and t.strip())
 

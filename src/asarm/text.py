@@ -39,7 +39,7 @@ import re
 import torch
 
 from .errors import InputError
-from .tokenization import decode, decode_text, encode, special_text_ids
+from .tokenization import decode_text, encode, settled_text, special_text_ids
 
 DEFAULT_MASK_TOKEN_ID = 6
 MAX_MARKUP_LENGTH = 1_000_000  # no model has this many positions; keeps huge numbers a clear error
@@ -444,11 +444,8 @@ def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = Fa
             f += 1
         if f > state["frontier"]:
             state["frontier"] = f
-            # a prefix may end inside a multi-byte character: wait until it decodes cleanly
-            if decode(tokenizer, ids[:f]).endswith("\ufffd"):
-                return
-            prefix = decode_text(tokenizer, ids[:f])
-            if len(prefix) > state["emitted"]:
+            prefix = settled_text(tokenizer, ids[:f])  # None: it ends inside a character, wait
+            if prefix is not None and len(prefix) > state["emitted"]:
                 on_text(prefix[state["emitted"] :])
                 state["emitted"] = len(prefix)
 

@@ -279,7 +279,20 @@ def decode_text(tokenizer, ids: Sequence[int]) -> str:
     is not valid UTF-8 (a token ending inside a multi-byte character whose continuation never
     came) is dropped instead of appearing as U+FFFD. Valid text, including a literal U+FFFD, is
     unchanged; other tokenizers decode as ``decode``."""
+    return _without_invalid_bytes(tokenizer, ids, decode(tokenizer, ids))
+
+
+def settled_text(tokenizer, ids: Sequence[int], complete: bool = False) -> str | None:
+    """``decode_text`` of the known prefix of a sequence still being filled, or None while that
+    prefix ends inside a multi-byte character (its continuation may still come; ``complete``:
+    it will not, the prefix is all there is)."""
     text = decode(tokenizer, ids)
+    if text.endswith("\ufffd") and not complete:
+        return None
+    return _without_invalid_bytes(tokenizer, ids, text)
+
+
+def _without_invalid_bytes(tokenizer, ids, text: str) -> str:
     if "\ufffd" not in text:
         return text
     data = _byte_level_bytes(tokenizer, ids)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ASARMError, InputError
-from ..tokenization import special_text_ids
+from ..text import exclude_special_tokens
 from . import handlers as H
 from .holes import completion_markup, infill_markup
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
@@ -246,7 +246,7 @@ class Api:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
         options = body.decode_options()
         if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
-            options["suppress"] = special_text_ids(state.tokenizer)
+            exclude_special_tokens(state.tokenizer, options)
         config = self.adapter.make_config(options)
         seeds = H.seeds_for(body)
         return self.submit(body.n, H.make_prepare(state.model, markup, config, body, seeds),
@@ -346,14 +346,40 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-class CompletionRun:
+class Run:
+    """What the completion and infill answers share: one Choice and one stats entry per choice,
+    and the collection of every choice's end result."""
+
+    def __init__(self, state: ServerState, body, job: Job, id_prefix: str):
+        self.state, self.body, self.job = state, body, job
+        self.rid, self.created = H.new_id(id_prefix)
+        self.choices: list[H.Choice] = []
+        self.stats: list[dict | None] = [None] * body.n
+
+    def _finish_choice(self, index: int, result) -> tuple[H.Choice, str]:
+        """The choice's final region text; its stats recorded."""
+        ch = self.choices[index]
+        text = ch.finish(result)
+        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived,
+                                        time.monotonic() - self.job.admitted)
+        return ch, text
+
+    async def _results(self) -> list:
+        """Every choice's ``_done`` result, in choice order, once the job has finished."""
+        done = {}
+        async for kind, payload in events(self.state, self.job):
+            if kind == "start":
+                self._start(payload)
+            elif kind == "done":
+                done[payload[0]] = self._done(*payload)
+        return [done[i] for i in range(self.body.n)]
+
+
+class CompletionRun(Run):
     """One /v1/completions request: the middle (or continuation) text of each choice."""
 
     def __init__(self, state: ServerState, body, job: Job, suffix: bool):
-        self.state, self.body, self.job, self.suffix = state, body, job, suffix
-        self.rid, self.created = H.new_id("cmpl")
-        self.choices: list[H.Choice] = []
-        self.stats: list[dict | None] = [None] * body.n
+        super().__init__(state, body, job, "cmpl")
         self.finish = "stop" if suffix else "length"
 
     def _start(self, layouts) -> None:
@@ -363,11 +389,7 @@ class CompletionRun:
                                          drop_space=lay.space_moved))
 
     def _done(self, index: int, result) -> str:
-        ch = self.choices[index]
-        text = ch.finish(result)
-        now = time.monotonic()
-        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived, now - self.job.admitted)
-        return text
+        return self._finish_choice(index, result)[1]
 
     def _chunk(self, index, text, finish=None, **extra) -> dict:
         return H.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
@@ -376,12 +398,7 @@ class CompletionRun:
         return H.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
 
     async def answer(self) -> JSONResponse:
-        texts = {}
-        async for kind, payload in events(self.state, self.job):
-            if kind == "start":
-                self._start(payload)
-            elif kind == "done":
-                texts[payload[0]] = self._done(*payload)
+        texts = await self._results()
         choices = [{"text": texts[i], "index": i, "logprobs": self._logprobs(i), "finish_reason": self.finish,
                     "asarm": self.stats[i]} for i in range(self.body.n)]
         return JSONResponse({"id": self.rid, "object": "text_completion", "created": self.created,
@@ -417,14 +434,11 @@ class CompletionRun:
         yield H.sse("[DONE]")
 
 
-class InfillRun:
+class InfillRun(Run):
     """One /v1/infill request: the whole filled text, per-hole texts, events with positions."""
 
     def __init__(self, state: ServerState, body, job: Job):
-        self.state, self.body, self.job = state, body, job
-        self.rid, self.created = H.new_id("infill")
-        self.choices: list[H.Choice] = []
-        self.stats: list[dict | None] = [None] * body.n
+        super().__init__(state, body, job, "infill")
 
     def _start(self, layouts) -> dict:
         tok = self.state.tokenizer
@@ -437,10 +451,7 @@ class InfillRun:
         return {"object": "infill.start", "id": self.rid, "model": self.state.model_name, "choices": out}
 
     def _done(self, index: int, result) -> dict:
-        ch = self.choices[index]
-        text = ch.finish(result)
-        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived,
-                                        time.monotonic() - self.job.admitted)
+        ch, text = self._finish_choice(index, result)
         holes = [dict(h, text=H.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
                  for h in ch.layout.holes]
         out = {"index": index, "text": text, "holes": holes, "finish_reason": "stop", "asarm": self.stats[index]}
@@ -458,14 +469,9 @@ class InfillRun:
                 "text": piece}
 
     async def answer(self) -> JSONResponse:
-        done = {}
-        async for kind, payload in events(self.state, self.job):
-            if kind == "start":
-                self._start(payload)
-            elif kind == "done":
-                done[payload[0]] = self._done(*payload)
+        choices = await self._results()
         return JSONResponse({"id": self.rid, "object": "infill", "created": self.created,
-                             "model": self.state.model_name, "choices": [done[i] for i in range(self.body.n)],
+                             "model": self.state.model_name, "choices": choices,
                              "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
 
     async def stream(self, first, rest):

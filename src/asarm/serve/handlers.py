@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 
-from ..tokenization import decode, decode_text
+from ..tokenization import decode, settled_text
 from .holes import plan_layouts
 from .loop import RowSpec
 
@@ -56,9 +56,9 @@ class Choice:
         if f == self.frontier:
             return ""
         self.frontier = f
-        if decode(self.tok, self.ids[:f]).endswith("\ufffd") and f < self.end:  # a character split across tokens: wait
-            return ""
         text = self._region(f)
+        if text is None:  # a character split across tokens: wait
+            return ""
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
@@ -68,8 +68,12 @@ class Choice:
         self.ids = result.input_ids.reshape(-1).tolist()
         return self._region(self.end)
 
-    def _region(self, end: int) -> str:
-        text = decode_text(self.tok, self.ids[:end])[len(self.base):]
+    def _region(self, end: int) -> str | None:
+        """The region's text up to token ``end``; None while it ends inside a character."""
+        text = settled_text(self.tok, self.ids[:end], complete=end >= self.end)
+        if text is None:
+            return None
+        text = text[len(self.base):]
         return text[1:] if self.drop_space and text.startswith(" ") else text
 
 
@@ -77,8 +81,7 @@ def make_prepare(model, markup, config, body, seeds: list[int]):
     """The job's engine-thread half: choose hole lengths per choice, lay out each row."""
 
     def prepare():
-        greedy = body.is_greedy
-        layouts = plan_layouts(model, markup, seeds, greedy=greedy, temperature=1.0 if greedy else body.temperature)
+        layouts = plan_layouts(model, markup, seeds, greedy=config.greedy, temperature=config.temperature)
         rows = [RowSpec(lay.input_ids, lay.masked, config, seed=s, order=body.order,
                         return_logprobs=bool(getattr(body, "logprobs", False)))
                 for lay, s in zip(layouts, seeds)]

@@ -40,10 +40,6 @@ class Sampler(BaseModel):
                     top_k=self.top_k, top_p=self.top_p, bonus=self.bonus, one_pass=self.one_pass,
                     adaptive_k=self.adaptive_k)
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
-
 
 class CompletionRequest(Sampler):
     prompt: str = Field(..., max_length=MAX_CHARS)
