@@ -14,8 +14,6 @@ the word's leading space; a newline or punctuation there is not counted). ``--al
 """
 
 import argparse
-import csv
-import gzip
 import json
 import sys
 import time
@@ -26,17 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from asarm.checkpoint import load_model  # noqa: E402
-from asarm.text import infill  # noqa: E402
+from asarm.evaluation.common import find_shared_data  # noqa: E402
+from asarm.evaluation.rocstories import read_stories, split_story  # noqa: E402
+from asarm.text import escape_markup, infill  # noqa: E402
 
 SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "<mask>", "<cls>", "<sep>")
 
 
 def stories(n: int) -> list[tuple[str, str, str]]:
-    path = Path(__file__).resolve().parents[2] / "shared/data/rocstories/cloze_test_val__spring2016.csv.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[:n]
-    return [(" ".join(r[f"InputSentence{i}"] for i in (1, 2)), r["InputSentence3"],
-             " ".join([r["InputSentence4"], r["AnswerRightEnding"]])) for r in rows]
+    """(sentences 1-2, sentence 3, sentences 4-5) of the first n stories, as the ROCStories harness splits them."""
+    path = find_shared_data("rocstories", "cloze_test_val__spring2016.csv.gz")
+    return [split_story(story["sentences"]) for story in read_stories(path)[:n]]
 
 
 def main() -> int:
@@ -53,7 +51,9 @@ def main() -> int:
     samples = []
     start = time.perf_counter()
     for i, (left, _, right) in enumerate(stories(args.n)):
-        out = infill(model, f"{left} [MASK] {right}", seed=i, allow_special=args.allow_special)
+        right = right.lstrip()  # split_story gives " S4 S5"; the markup puts the space back
+        out = infill(model, f"{escape_markup(left)} [MASK] {escape_markup(right)}", seed=i,
+                     allow_special=args.allow_special)
         middle = out[len(left):len(out) - len(right)] if out.startswith(left) and out.endswith(right) else None
         counts["special"] += any(s in out for s in SPECIAL)
         counts["unk"] += "<unk>" in out

@@ -141,7 +141,7 @@ def test_infill_with_fake_sampler(tok, model300, monkeypatch):
     # a real model writes it with its first token, this fake one fills "x"s
     assert out == "  The cat\tsatxxx on\n\nthe mat.  "
     ids, masked, options = calls[0]
-    assert options == {"method": "sequential", "seed": 3, "k": 4, "suppress": (0, 1, 3, 4, 5, 6)}
+    assert options == {"method": "sequential", "seed": 3, "k": 4, "suppress": (0, 1, 2, 3, 4, 5, 6)}
     assert ids[masked].tolist() == [model300.config.mask_token_id] * 3
 
 
@@ -247,18 +247,22 @@ def test_infill_excludes_special_tokens_inside_the_target(tok, model300):
     special = special_text_ids(tok)
     assert set(special) >= {tok.unk_token_id, tok.pad_token_id, tok.bos_token_id}
     assert tok.eos_token_id not in special  # end-of-text stays: stop_at="</s>" needs it
+    excluded = set(special) | {tok.eos_token_id}  # end-of-text too, unless stop_at may cut at it
     biased = tiny_model(seed=7, vocab_size=300)
     with torch.no_grad():
-        biased.lm_loss.bias[list(special)] += 8.0
+        biased.lm_loss.bias[sorted(excluded)] += 8.0
     text = "the cat [MASK:6] mat."
     allowed = []
     for seed in range(4):
         for options in ({}, {"method": "assd", "k": 3}):
             out, result = infill(biased, text, tokenizer=tok, return_result=True, seed=seed, **options)
-            assert not set(result.input_ids.view(-1).tolist()) & set(special), (seed, options)
+            assert not set(result.input_ids.view(-1).tolist()) & excluded, (seed, options)
             _, free = infill(biased, text, tokenizer=tok, return_result=True, seed=seed, allow_special=True, **options)
             allowed += free.input_ids.view(-1).tolist()
     assert set(allowed) & set(special)  # the bias works: without the exclusion they are drawn
+    # with stop_at the end-of-text token stays drawable, so the text can be cut at "</s>"
+    _, kept = infill(biased, "the cat[MASK:1-4]", tokenizer=tok, return_result=True, seed=0, stop_at="</s>")
+    assert tok.eos_token_id in kept.input_ids.view(-1).tolist()
 
 
 def test_decode_text_drops_invalid_utf8_only(shipped_tok):

@@ -233,8 +233,9 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
     ``factorization`` picks the length evidence (``asarm.lengths``; default: the model's
     config ``asarm_length_factorization``, else "left-given-right"), ``stop_at`` cuts a
     final hole at a string. Special tokens that are not text (``<unk>``, padding, ``<s>``, ...;
-    ``asarm.tokenization.special_text_ids``) are excluded inside the target distribution, so the
-    sampler stays exact for the model restricted to text; ``allow_special=True`` keeps them.
+    ``asarm.tokenization.special_text_ids``) and end-of-text (unless ``stop_at`` is given) are
+    excluded inside the target distribution, so the sampler stays exact for the model restricted
+    to text; ``allow_special=True`` keeps them.
     Invalid UTF-8 byte runs a byte-level model may sample are dropped from the returned text
     (``asarm.tokenization.decode_text``). With ``return_result=True`` returns ``(text, result)``, where
     ``result`` has ``.input_ids``, ``.nfe``, ``.rounds``, ``.accepted`` and ``.lengths`` (how
@@ -246,19 +247,24 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
                        factorization=factorization, stop_at=stop_at, **sample_options)
     sample_options["seed"] = plan.seed
     if not allow_special:
-        exclude_special_tokens(plan.tokenizer, sample_options)
+        exclude_special_tokens(plan.tokenizer, sample_options, keep_end_of_text=stop_at is not None)
     result = sampling.sample(model, plan.input_ids, plan.masked, **sample_options)
     result.lengths = plan.lengths
     filled = finish_text(plan, result.input_ids)
     return (filled, result) if return_result else filled
 
 
-def exclude_special_tokens(tokenizer, sample_options: dict) -> None:
-    """Add the tokenizer's non-text special tokens to the ``suppress`` of ``sample_options``
+def exclude_special_tokens(tokenizer, sample_options: dict, keep_end_of_text: bool = False) -> None:
+    """Add the tokenizer's non-text special tokens, and its end-of-text token unless
+    ``keep_end_of_text`` (``stop_at`` may cut at it), to the ``suppress`` of ``sample_options``
     (a keyword, or the given ``config``'s)."""
     config = sample_options.get("config")
-    current = sample_options.get("suppress", config.suppress if config is not None else ())
-    sample_options["suppress"] = tuple(sorted(set(current) | set(special_text_ids(tokenizer))))
+    current = set(sample_options.get("suppress", config.suppress if config is not None else ()))
+    current |= set(special_text_ids(tokenizer))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and not keep_end_of_text:
+        current.add(int(eos))
+    sample_options["suppress"] = tuple(sorted(current))
 
 
 def finish_text(plan: InfillPlan, filled_ids) -> str:

@@ -322,8 +322,8 @@ def _byte_level_bytes(tokenizer, ids) -> bytes | None:
 
 def special_text_ids(tokenizer) -> tuple[int, ...]:
     """Ids of the special tokens that are never text (``<unk>``, padding, mask, ``<s>``, ``<cls>``,
-    ``<sep>``; everything the tokenizer lists as special except end-of-text): ``infill``
-    excludes them from the target so a filled hole reads as text."""
+    ``<sep>``; everything the tokenizer lists as special except end-of-text, which ``stop_at``
+    may need): ``infill`` excludes them from the target so a filled hole reads as text."""
     eos = getattr(tokenizer, "eos_token_id", None)
     ids = set()
     for name in ("unk_token_id", "pad_token_id", "mask_token_id", "bos_token_id", "cls_token_id", "sep_token_id"):
