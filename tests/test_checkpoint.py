@@ -108,6 +108,51 @@ def test_we_load_what_transformers_saves(tmp_path):
     assert torch.allclose(logits(loaded), logits(model), atol=1e-6)
 
 
+def test_sharded_save_loads_and_transformers_reads_it(tmp_path):
+    from transformers import XLNetLMHeadModel
+
+    model = tiny_model(seed=4)
+    total_mb = sum(v.numel() * 4 for k, v in model.state_dict().items() if k != "lm_loss.weight") / 2**20
+    save_model(model, tmp_path / "ckpt", max_shard_mb=total_mb / 3)
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) >= 3 and "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert all(n.endswith(f"-of-{len(shards):05d}.safetensors") for n in shards)
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert torch.equal(logits(model), logits(load_model(tmp_path / "ckpt")))
+    hf, info = XLNetLMHeadModel.from_pretrained(str(tmp_path / "ckpt"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.allclose(hf_logits(hf.eval()), logits(model), atol=1e-5, rtol=0)
+
+
+def test_resaving_replaces_the_other_weight_layout(tmp_path):
+    """A single file after shards (or shards after a single file) leaves no stale weights behind:
+    the loader prefers model.safetensors, so a stale one would shadow new shards."""
+    old, new = tiny_model(seed=5), tiny_model(seed=6)
+    save_model(old, tmp_path / "ckpt")
+    save_model(new, tmp_path / "ckpt", max_shard_mb=0.01)
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert torch.equal(logits(new), logits(load_model(tmp_path / "ckpt")))
+    save_model(old, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(logits(old), logits(load_model(tmp_path / "ckpt")))
+
+
+def test_missing_shard_is_named(tmp_path):
+    save_model(tiny_model(seed=4), tmp_path / "ckpt", max_shard_mb=0.01)
+    victim = sorted((tmp_path / "ckpt").glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim.name} is missing"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_bad_shard_size_is_refused(tmp_path):
+    with pytest.raises(InputError, match="max_shard_mb must be positive"):
+        save_model(tiny_model(seed=4), tmp_path / "ckpt", max_shard_mb=0)
+
+
 def test_load_pytorch_bin_with_tied_key(tmp_path):
     model = tiny_model(seed=2)
     model.config.save(tmp_path)

@@ -195,3 +195,26 @@ def test_fast_layout_changes_strides_not_results(dtype):
     model.fast_layout = True
     model.train()  # training always uses plain contiguous tensors
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_plain_attention_equals_sdpa_with_fully_masked_rows():
+    """The written-out attention CUDA training uses (the fused kernel's backward gives NaN
+    gradients for rows with every key masked) computes what SDPA does, with finite gradients."""
+    import torch.nn.functional as F
+
+    from asarm.model import MASKED_SCORE, plain_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, requires_grad=True) for n in (5, 7, 7))
+    mask = torch.randn(2, 3, 5, 7, generator=g)
+    mask[0, :, 1] = MASKED_SCORE  # a row that sees no key
+    mask[1, :, :, 2] = MASKED_SCORE  # a key nobody sees
+    ours = plain_attention(q, k, v, mask, 0.0, 0.35)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.35)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    ours.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    # dropout zeroes probabilities (and rescales the rest) only when asked
+    torch.manual_seed(0)
+    dropped = plain_attention(q, k, v, mask, 0.5, 0.35)
+    assert not torch.allclose(dropped, ours)

@@ -65,9 +65,11 @@ def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=N
                                  mask_token_id=mask_token_id, quantize=quantize)
 
 
-def save_model(model: ASARM, directory: str | Path, tokenizer=None, dtype=None) -> Path:
+def save_model(model: ASARM, directory: str | Path, tokenizer=None, dtype=None,
+               max_shard_mb: float | None = None) -> Path:
     """Write ``model`` (and ``tokenizer``, default ``model.tokenizer``) as an HF XLNet checkpoint.
 
-    ``dtype`` converts the stored float weights (default: the model's dtype).
+    ``dtype`` converts the stored float weights (default: the model's dtype); ``max_shard_mb``
+    splits them into shards of at most that many MiB (with ``model.safetensors.index.json``).
     """
-    return model.save_pretrained(directory, tokenizer=tokenizer, dtype=dtype)
+    return model.save_pretrained(directory, tokenizer=tokenizer, dtype=dtype, max_shard_mb=max_shard_mb)

@@ -48,6 +48,16 @@ def masked_score(dtype: torch.dtype) -> float:
     return MASKED_SCORE if big > 1e32 else -big / 2
 
 
+def plain_attention(q, k, v, attn_mask, dropout_p: float, scale: float) -> torch.Tensor:
+    """What ``F.scaled_dot_product_attention`` computes, written out with the softmax in fp32:
+    [B, n, T, dh] queries, [B, n, K, dh] keys and values, an additive [B, n, T, K] mask."""
+    scores = (q @ k.transpose(-1, -2)).float() * scale + attn_mask.float()
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
 def project(x: torch.Tensor, weight, shape: tuple[int, int]) -> torch.Tensor:
     """[..., d_in] -> [..., n, dh] through an attention matrix stored [d_in, n, dh] (float, any
     strides) or an ``Int8Weight``."""
@@ -112,7 +122,10 @@ class RelativeAttention(nn.Module):
         index = rel_index[:, None].expand(B, self.n_head, T, rel_index.shape[-1])
         bias = pos_scores.gather(-1, index) * self.scale
         bias = bias.masked_fill(~allowed[:, None], masked_score(bias.dtype))
-        attn = F.scaled_dot_product_attention(
+        # On CUDA, training takes the plain path: the fused memory-efficient kernel's backward
+        # gives NaN gradients for rows whose keys are all masked (pytorch#119320, #125674).
+        attend = plain_attention if self.training and x.is_cuda else F.scaled_dot_product_attention
+        attn = attend(
             q + self.r_w_bias[:, None],
             keys.transpose(1, 2),
             values.transpose(1, 2),
@@ -337,11 +350,12 @@ class ASARM(nn.Module):
         return logits, query_pos, query_valid
 
     # --- checkpoints ------------------------------------------------------------------------------
-    def save_pretrained(self, directory, tokenizer=None, dtype=None):
+    def save_pretrained(self, directory, tokenizer=None, dtype=None, max_shard_mb=None):
         """Write an HF XLNet-format checkpoint (``tokenizer`` defaults to ``self.tokenizer``).
 
         ``dtype`` converts the stored float weights (default: the model's dtype); an int8 model
-        stores its int8 values and float32 scales whatever ``dtype`` says.
+        stores its int8 values and float32 scales whatever ``dtype`` says. ``max_shard_mb``
+        splits the weights into transformers-style shards of at most that many MiB.
         """
         from .devices import resolve_dtype
 
@@ -355,7 +369,7 @@ class ASARM(nn.Module):
             if dtype is not None and v.is_floating_point() and not k.endswith(".scale"):
                 v = v.to(dtype)
             tensors[k] = v
-        return storage.write_checkpoint(directory, self.config.to_dict(), tensors, tokenizer)
+        return storage.write_checkpoint(directory, self.config.to_dict(), tensors, tokenizer, max_shard_mb)
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, mask_token_id=None,

@@ -224,15 +224,77 @@ def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: st
 
 
 # --- writing -------------------------------------------------------------------------------------
-def write_checkpoint(directory: str | Path, config_dict: dict, tensors: dict[str, torch.Tensor],
-                     tokenizer=None) -> Path:
-    """Write config.json, model.safetensors and the tokenizer's files into ``directory``.
+WEIGHT_FILE = re.compile(r"^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json)$")
 
-    Files are written into a temporary directory beside ``directory`` and renamed in one by one,
-    weights first and config.json last, so a crash never leaves a half-written file.
-    """
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:
+    """Tensor names grouped into shards of at most ``max_shard_bytes`` each (in state-dict
+    order; a tensor bigger than the limit gets a shard of its own); one group when no limit."""
+    if max_shard_bytes is None:
+        return [list(tensors)]
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], max_shard_mb: float | None) -> list[str]:
+    """Write the weights into ``tmp`` as ``model.safetensors``, or as transformers-style shards
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json`` when they exceed
+    ``max_shard_mb``. Returns the weight file names, the index last."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    limit = None if max_shard_mb is None else int(max_shard_mb * 2**20)
+    if limit is not None and limit <= 0:
+        raise InputError(f"max_shard_mb must be positive, got {max_shard_mb!r}")
+    groups = _shards(tensors, limit)
+    if len(groups) == 1:
+        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        return [SAFETENSORS_NAME]
+    names, weight_map = [], {}
+    for i, group in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k] for k in group}, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, name))
+        names.append(name)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names + [SAFETENSORS_INDEX]
+
+
+def install_files(source: Path, directory: Path, weights: list[str]) -> None:
+    """Move every file of ``source`` into ``directory``: the new weight files first (``weights``,
+    in order), then the other files, then config.json; weight files of an older export that the
+    new one does not have are removed just before config.json, so that ``directory`` never
+    offers a reader two sets of weights for one config (a single file is preferred to an index)."""
+    directory.mkdir(exist_ok=True)
+    rest = sorted(p.name for p in source.iterdir() if p.is_file() and p.name not in weights)
+    rest.sort(key=lambda n: n == "config.json")
+    for name in weights + [n for n in rest if n != "config.json"]:
+        os.replace(source / name, directory / name)
+    for stale in directory.iterdir():
+        if WEIGHT_FILE.match(stale.name) and stale.name not in weights:
+            stale.unlink()
+    if "config.json" in rest:
+        os.replace(source / "config.json", directory / "config.json")
+
+
+def write_checkpoint(directory: str | Path, config_dict: dict, tensors: dict[str, torch.Tensor],
+                     tokenizer=None, max_shard_mb: float | None = None) -> Path:
+    """Write config.json, the weights and the tokenizer's files into ``directory``: the weights in
+    ``model.safetensors``, or in shards of at most ``max_shard_mb`` MiB with an index, as
+    transformers writes them.
+
+    Files are written into a temporary directory beside ``directory`` and moved in by
+    ``install_files`` (weights first, config.json last), so a crash never leaves a half-written file.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory}: exists and is not a directory")
@@ -240,15 +302,10 @@ def write_checkpoint(directory: str | Path, config_dict: dict, tensors: dict[str
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                  str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        weights = _write_weights(tmp, tensors, max_shard_mb)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        directory.mkdir(exist_ok=True)
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        names.sort(key=lambda n: (n == "config.json", n != SAFETENSORS_NAME))
-        for name in names:
-            os.replace(tmp / name, directory / name)
+        install_files(tmp, directory, weights)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

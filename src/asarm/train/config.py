@@ -64,12 +64,14 @@ class TrainConfig:
     out_dir: str = "runs/asarm"
     export_dtype: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     max_export_mb: float = 25.0
+    max_shard_mb: float | None = None  # split the exported weights into shards of at most this many MiB
     export_dir: str | None = None  # default: <out_dir>/model
     # max_length written to the exported config.json ("seq_len": the training length, so that
     # samplers and evaluation harnesses stay within what the model saw; null: no limit)
     export_max_length: int | str | None = "seq_len"
     threads: int | None = None
     device: str | None = None
+    mixed_precision: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
     name: str | None = None
     trace_chunks: bool = False  # each rank appends its chunk indices per step to chunks-rank<r>.txt (tests)
 
@@ -94,6 +96,11 @@ class TrainConfig:
             problems.append("mask fractions must satisfy 0 < mask_start <= 1 and 0 < mask_low <= mask_high <= 1")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr!r}")
+        if self.max_shard_mb is not None and (not isinstance(self.max_shard_mb, (int, float))
+                                              or isinstance(self.max_shard_mb, bool) or self.max_shard_mb <= 0):
+            problems.append(f"max_shard_mb must be a positive number or null, got {self.max_shard_mb!r}")
+        if not isinstance(self.mixed_precision, bool):
+            problems.append(f"mixed_precision must be true or false, got {self.mixed_precision!r}")
         eml = self.export_max_length
         if not (eml is None or eml == "seq_len" or (isinstance(eml, int) and not isinstance(eml, bool) and eml > 0)):
             problems.append(f"export_max_length must be 'seq_len', null or a positive integer, got {eml!r}")
@@ -111,6 +118,9 @@ class TrainConfig:
 
     def export_length(self) -> int | None:
         """max_length written into an exported config.json."""
+        if self.max_shard_mb is not None and (not isinstance(self.max_shard_mb, (int, float))
+                                              or isinstance(self.max_shard_mb, bool) or self.max_shard_mb <= 0):
+            problems.append(f"max_shard_mb must be a positive number or null, got {self.max_shard_mb!r}")
         eml = self.export_max_length
         if eml == "seq_len":
             return self.seq_len

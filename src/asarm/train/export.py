@@ -34,28 +34,28 @@ def _auto_dtype(model, max_mb: float) -> str:
     return "fp16" if biggest < 6e4 else "bf16"
 
 
-def _save_durably(model, tokenizer, directory: Path, dtype: torch.dtype) -> None:
-    from ..checkpoint import SAFETENSORS_NAME, save_model
+def _save_durably(model, tokenizer, directory: Path, dtype: torch.dtype, max_shard_mb: float | None) -> None:
+    from ..checkpoint import save_model
+    from ..storage import WEIGHT_FILE, install_files
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.export-", dir=directory.parent))
     try:
-        built = save_model(model, staging / "model", tokenizer=tokenizer, dtype=dtype)
+        built = save_model(model, staging / "model", tokenizer=tokenizer, dtype=dtype, max_shard_mb=max_shard_mb)
         fsync_tree(built)
-        directory.mkdir(exist_ok=True)
-        names = sorted(p.name for p in built.iterdir() if p.is_file())
-        names.sort(key=lambda n: (n == "config.json", n != SAFETENSORS_NAME))
-        for name in names:
-            os.replace(built / name, directory / name)
+        weights = sorted(p.name for p in built.iterdir() if WEIGHT_FILE.match(p.name))
+        weights.sort(key=lambda n: n.endswith(".json"))  # the shard index after its shards
+        install_files(built, directory, weights)
         fsync_dir(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_model(model, tokenizer, directory: Path, dtype: str = "auto", max_mb: float = 25.0,
-                 max_length: int | None = None) -> tuple[Path, str]:
+                 max_length: int | None = None, max_shard_mb: float | None = None) -> tuple[Path, str]:
     """Write ``model`` as an HF-format directory; ``dtype`` "auto" picks fp32/fp16/bf16 (see
-    ``_auto_dtype``). ``max_length`` is recorded in config.json (asarm_max_length) when given."""
+    ``_auto_dtype``). ``max_length`` is recorded in config.json (asarm_max_length) when given;
+    ``max_shard_mb`` splits the weights into shards of at most that many MiB."""
     if max_length is not None:
         model.config = dataclasses.replace(model.config, max_length=int(max_length))
     if dtype == "auto":
@@ -63,7 +63,7 @@ def export_model(model, tokenizer, directory: Path, dtype: str = "auto", max_mb:
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     directory = Path(directory)
     with writing(f"the export {directory}"):
-        _save_durably(model, tokenizer, directory, torch_dtype)
+        _save_durably(model, tokenizer, directory, torch_dtype, max_shard_mb)
     return directory, dtype
 
 
@@ -83,7 +83,8 @@ def export_checkpoint(cfg: TrainConfig, tokenizer, pointer: str, target: Path, l
     except CheckpointError as exc:
         raise CheckpointError(f"{ckpt_root}: nothing to export: {exc}") from None
     model.eval()
-    _, dtype = export_model(model, tokenizer, target, cfg.export_dtype, cfg.max_export_mb, cfg.export_length())
+    _, dtype = export_model(model, tokenizer, target, cfg.export_dtype, cfg.max_export_mb, cfg.export_length(),
+                            cfg.max_shard_mb)
     return {"exported": str(target), "export_dtype": dtype, "export_step": state["step"],
             "best_valid_loss": state.get("best_valid"), "model": model}
 

@@ -47,7 +47,7 @@ def chain_loss(model, input_ids: torch.Tensor, ranks: torch.Tensor, reduction: s
 @torch.no_grad()
 def evaluate(model, chunks: torch.Tensor, seed: int = 1234, batch_size: int = 16, low: float = 0.85,
              high: float = 0.99, max_chunks: int | None = None, random_order: bool = False,
-             device=None) -> dict:
+             device=None, mixed_precision: bool = True) -> dict:
     """Loss/perplexity under the paper's order on ``chunks`` with masks from a fixed seed (so
     numbers are comparable between runs and checkpoints): mean CE per hidden token."""
     was_training = model.training
@@ -60,7 +60,7 @@ def evaluate(model, chunks: torch.Tensor, seed: int = 1234, batch_size: int = 16
     for start in range(0, len(chunks), batch_size):
         ids = chunks[start:start + batch_size].long()
         ranks = sample_ranks(len(ids), ids.shape[1], low, high, g, random_order)
-        with autocast(device):
+        with autocast(device, mixed_precision):
             s, c = chain_loss(model, ids.to(device), ranks.to(device), reduction="sum")
         total += float(s)
         count += float(c)
@@ -94,9 +94,10 @@ def evaluate_sources(model, sources, kind: str = "text", seq_len: int = 256, max
     return result
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU (exact and fast there)."""
-    if device.type == "cuda":
+def autocast(device: torch.device, mixed_precision: bool = True):
+    """bf16 autocast on CUDA (unless ``mixed_precision`` is off); plain fp32 on CPU (exact and
+    fast there)."""
+    if device.type == "cuda" and mixed_precision:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 

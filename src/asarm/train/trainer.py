@@ -227,7 +227,7 @@ class Trainer:
         torch.manual_seed(seed_for(cfg.seed, step, rank, micro, 2))  # dropout
         # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else self.loss_module.no_sync():
-            with autocast(self.device):
+            with autocast(self.device, self.cfg.mixed_precision):
                 loss = self.loss_module(ids.to(self.device), ranks.to(self.device))
             (loss / cfg.grad_accum).backward()
         return loss.detach().double().cpu()
@@ -282,7 +282,8 @@ class Trainer:
     def validate(self) -> dict:
         cfg = self.cfg
         res = evaluate(self.model, self.valid_chunks, seed=cfg.eval_seed, batch_size=cfg.eval_batch_size,
-                       low=cfg.mask_low, high=cfg.mask_high, max_chunks=cfg.eval_chunks or None, device=self.device)
+                       low=cfg.mask_low, high=cfg.mask_high, max_chunks=cfg.eval_chunks or None, device=self.device,
+                       mixed_precision=cfg.mixed_precision)
         if self.dist.main:
             self.logs.validation(self.state.step, res)
             self.log(f"step {self.state.step}: validation loss {res['loss']:.4f} ppl {res['ppl']:.2f}")
