@@ -14,7 +14,7 @@ _MODEL = None
 
 
 def shipped_model():
-    """asarm-en-small, loaded once per test session (3.6M parameters: a fast, real tokenizer)."""
+    """asarm-en-small, loaded once per test session (a real tokenizer and weights)."""
     global _MODEL
     if _MODEL is None:
         torch.set_num_threads(1)

@@ -245,8 +245,8 @@ def test_version_models_and_limits_in_help(capsys):
     assert capsys.readouterr().out.strip() == f"asarm {__version__}"
     code, out, _ = run(capsys, "models")
     assert code == 0
-    assert "asarm-en-small (default): 7.24 M parameters, 14.5 MB, limit 128 tokens" in out
-    assert "asarm-py-small: 7.24 M parameters, 14.5 MB, limit 256 tokens" in out
+    assert "asarm-en-small (default): 14.69 M parameters, 29.4 MB, limit 128 tokens" in out
+    assert "asarm-py-small: 14.69 M parameters, 29.4 MB, limit 256 tokens" in out
     assert "3.68 M tokens: brown, abc, webtext, state_union, inaugural, wikitext-2/valid" in out
     assert "6.44 M tokens: python-stdlib, python-package:networkx, python-package:nltk" in out
     for argv in (["--help"], ["infill", "--help"], ["generate", "--help"]):

@@ -205,14 +205,20 @@ def training_data(readme: str) -> str:
     return f"{tokens.group(1)} tokens: {what}" if tokens else what
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files: ``model.safetensors``, or its shards."""
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else sorted(directory.glob("model-*-of-*.safetensors"))
+
+
 def model_card(directory: Path) -> dict:
     config = json.loads((directory / "config.json").read_text())
-    weights = directory / "model.safetensors"
+    weights = weight_files(directory)
     readme = directory / "README.md"
     metrics = directory / "metrics.json"
     card = {"name": directory.name, "max_length": config.get("asarm_max_length"),
-            "parameters": safetensors_parameters(weights) if weights.is_file() else None,
-            "size_mb": weights.stat().st_size / 1e6 if weights.is_file() else None,
+            "parameters": sum(map(safetensors_parameters, weights)) if weights else None,
+            "size_mb": sum(w.stat().st_size for w in weights) / 1e6 if weights else None,
             "training_data": training_data(readme.read_text()) if readme.is_file() else "unknown",
             "valid_ppl": None, "readme": str(readme)}
     if metrics.is_file():
@@ -233,7 +239,7 @@ def cmd_models(args) -> int:
             size.append(f"{c['parameters'] / 1e6:.2f} M parameters, {c['size_mb']:.1f} MB")
         size.append(f"limit {c['max_length']} tokens" if c["max_length"] else "no length limit recorded")
         if c["valid_ppl"] is not None:
-            size.append(f"validation perplexity {c['valid_ppl']:.0f}")
+            size.append(f"validation perplexity {c['valid_ppl']:.3g}")
         print(f"{c['name']}{default}: {', '.join(size)}")
         print(f"    trained on {c['training_data']}")
         print(f"    model card: {c['readme']}")
