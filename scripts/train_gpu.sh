@@ -2,17 +2,13 @@
 # Train the larger asarm-en-small and asarm-py-small (configs asarm-{en,py}-small-gpu) side by
 # side on one GPU, in one call of a few minutes, from the source tree (nothing installed).
 #
-# Before: copy each CPU run's packed data, so the tokenizer and the train/validation split are
-# version 2's and no corpus has to be read on the GPU machine:
-#   mkdir -p runs/asarm-en-small-gpu runs/asarm-py-small-gpu
-#   cp -r runs/asarm-en-small-v2/prepared runs/asarm-en-small-gpu/
-#   cp -r runs/asarm-py-small-v2/prepared runs/asarm-py-small-gpu/
-# To send them to a GPU machine whose tree may hold 64 MiB, pack them (token ids fit int16):
+# The packed data (tokenizer + train/validation chunks) is built first where it is missing, from
+# the configs' sources: version 2's tokenizer, data and seeded split, so the same chunks as
+# runs/asarm-{en,py}-small-v2/prepared (copying those works too). A GPU machine that cannot read
+# the corpora gets them packed, in at most 64 MiB (token ids fit int16):
 #   python -c "import torch,sys; [torch.save({k: v.to(torch.int16) for k, v in torch.load(p).items()}, p) for p in sys.argv[1:]]" runs/asarm-*-small-gpu/prepared/chunks.pt
 #   tar -C runs -czf runs/gpu-data.tar.gz asarm-en-small-gpu/prepared asarm-py-small-gpu/prepared
-# and this script unpacks runs/gpu-data.tar.gz where the prepared folders are missing
-# (or let the first run build it: python -m asarm.train --config asarm-en-small-gpu builds
-# runs/asarm-en-small-gpu/prepared from the config's data sources before it trains.)
+# and this script unpacks runs/gpu-data.tar.gz where the prepared folders are missing.
 #
 # Usage: MINUTES=6 MAX_EPOCHS=24 OUT=/some/dir bash scripts/train_gpu.sh
 #   1. a timed 40-step trial of both models at once gives the step time;
@@ -34,6 +30,13 @@ mkdir -p "$OUT"
 if [ -f runs/gpu-data.tar.gz ] && [ ! -d runs/asarm-en-small-gpu/prepared ]; then
   tar -C runs -xzf runs/gpu-data.tar.gz
 fi
+
+for k in en py; do
+  if [ ! -f "runs/asarm-$k-small-gpu/prepared/chunks.pt" ]; then
+    $PY -c "from pathlib import Path; from asarm.train.config import load_config; from asarm.train.prepare import prepare_data
+cfg = load_config('asarm-$k-small-gpu'); prepare_data(cfg, Path(cfg.out_dir))"
+  fi
+done
 
 trial_steps=40
 trial() {  # a timed 40-step run of both models at once

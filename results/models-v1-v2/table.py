@@ -1,6 +1,6 @@
-"""Markdown table of results/models-v1-v2: version 1 vs version 2 of the shipped models.
+"""Markdown table of results/shipped-models: every version of the shipped models side by side.
 
-    python results/models-v1-v2/table.py        (reads v1/ and v2/ beside this file)
+    python results/shipped-models/table.py        (reads v1/, v2/, v3/ … beside this file)
 
 Version 1's HumanEval single-line figure is results/humaneval-single-line (same command, same
 model, made before this comparison).
@@ -58,10 +58,12 @@ def rows(v: str) -> dict:
 
 
 def main() -> None:
-    old, new = rows("v1"), rows("v2")
-    print("| | version 1 | version 2 |\n|---|---|---|")
-    for key in old:
-        print(f"| {key} | {old[key]} | {new[key]} |")
+    versions = sorted(p.name for p in HERE.iterdir() if p.is_dir() and p.name[1:].isdigit() and p.name[0] == "v")
+    table = {v: rows(v) for v in versions}
+    print("| | " + " | ".join(f"version {v[1:]}" for v in versions) + " |")
+    print("|---|" + "---|" * len(versions))
+    for key in table[versions[0]]:
+        print(f"| {key} | " + " | ".join(table[v][key] for v in versions) + " |")
 
 
 if __name__ == "__main__":
