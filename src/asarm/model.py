@@ -48,6 +48,18 @@ def masked_score(dtype: torch.dtype) -> float:
     return MASKED_SCORE if big > 1e32 else -big / 2
 
 
+def on_rows(fn, rows: torch.Tensor | None, *xs: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to the rows of ``xs`` ([B, T, ...] each) that ``rows`` [B, T] marks, zeros
+    in the other rows; to all of them when ``rows`` is None. A batch whose rows are in different
+    phases of ASSD is padded to the longest row: this keeps the padding out of the matmuls."""
+    if rows is None:
+        return fn(*xs)
+    y = fn(*(x[rows] for x in xs))
+    out = y.new_zeros(rows.shape + y.shape[1:])
+    out[rows] = y
+    return out
+
+
 def plain_attention(q, k, v, attn_mask, dropout_p: float, scale: float) -> torch.Tensor:
     """What ``F.scaled_dot_product_attention`` computes, written out with the softmax in fp32:
     [B, n, T, dh] queries, [B, n, K, dh] keys and values, an additive [B, n, T, K] mask."""
@@ -106,14 +118,15 @@ class RelativeAttention(nn.Module):
         """[B, T, n * dh] -> [B, T, d_model] through ``o`` (stored [d_model, n, dh])."""
         return self.o(attn) if isinstance(self.o, nn.Module) else attn @ self.o.flatten(1).T
 
-    def forward(self, x, keys, values, bias_parts, rel_table):
-        """x: rows [B, T, d]; keys/values [B, K, n, dh]; returns new rows [B, T, d].
+    def forward(self, x, keys, values, bias_parts, rel_table, rows=None):
+        """x: rows [B, T, d]; keys/values [B, K, n, dh]; returns new rows [B, T, d] (``rows``
+        [B, T]: the real rows, see ``on_rows``; None: all).
 
         bias_parts = (rel_index [B, T, K], allowed [B, T, K], has_key [B, T]).
         """
         rel_index, allowed, has_key = bias_parts
         B, T, _ = x.shape
-        q = self.project(x, self.q).transpose(1, 2)  # [B, n, T, dh]
+        q = on_rows(lambda t: self.project(t, self.q), rows, x).transpose(1, 2)  # [B, n, T, dh]
         # Position term: score every row against the whole table of relative distances, then
         # pick the distance of each (row, key) pair. Cheap when T is small (cached passes). The
         # table is stored [n, dh, R]; einsum batches over heads with every (row, T) as one
@@ -134,8 +147,8 @@ class RelativeAttention(nn.Module):
             scale=self.scale,
         )
         attn = attn * has_key[:, None, :, None].to(attn.dtype)
-        out = self.output(attn.transpose(1, 2).flatten(2))
-        return self.layer_norm(self.dropout(out) + x)
+        return on_rows(lambda a, r: self.layer_norm(self.dropout(self.output(a)) + r), rows,
+                       attn.transpose(1, 2).flatten(2), x)
 
 
 class FeedForward(nn.Module):
@@ -312,19 +325,25 @@ class ASARM(nn.Module):
         allowed = key_rank[:, None, :] < row_limit[:, :, None]
         bias_parts = (rel_index, allowed, allowed.any(-1))
 
+        # Padding rows (content rank NO_KEY, query rank 0) are left out of every matmul.
+        rows = torch.cat([content_rank != NO_KEY, query_rank > 0], dim=1)
+        rows = None if bool(rows.all()) else rows
+        content_rows, query_rows = (None, None) if rows is None else (rows[:, :N], rows[:, N:])
+
         h = self.dropout(self.transformer.word_embedding(content_ids).to(self.dtype))
         g = self.dropout(self.transformer.mask_emb.expand(B, query_pos.shape[1], -1))
         x = torch.cat([h, g], dim=1)
         for i, layer in enumerate(self.transformer.layer):
             attn = layer.rel_attn
             content = x[:, :N]
-            k_new, v_new = attn.project(content, attn.k), attn.project(content, attn.v)
+            k_new = on_rows(lambda t: attn.project(t, attn.k), content_rows, content)
+            v_new = on_rows(lambda t: attn.project(t, attn.v), content_rows, content)
             if cache is None:
                 keys, values = k_new, v_new
             else:
                 keys, values = cache.write_layer(i, k_new, v_new)
-            x = layer.ff(attn(x, keys, values, bias_parts, rel_table[i]))
-        return self.lm_loss(self.dropout(x[:, N:]))
+            x = on_rows(layer.ff, rows, attn(x, keys, values, bias_parts, rel_table[i], rows))
+        return on_rows(lambda t: self.lm_loss(self.dropout(t)), query_rows, x[:, N:])
 
     def chain_logits(self, input_ids: torch.Tensor, ranks: torch.Tensor, rel_table=None):
         """Every factor of the chain in one pass, with no cache (training, scoring, references).
