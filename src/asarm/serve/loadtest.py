@@ -105,6 +105,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "--max-queue", str(args.max_queue), "--log-level", "warning", "--threads", str(args.threads)]
     if args.model:
         cmd += ["--model", args.model]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
     src = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=str(args.threads))
@@ -206,6 +208,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the started server")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="the started server's activations (default: the server's, fp32 on CPU)")
     p.add_argument("--out", default="results/serve-cpu")
 
 
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, command: str) -> int:
     counts = [int(x) for x in args.clients.split(",")]
+    load_before = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 minutes: was the machine quiet?
 
     def body_of(cid: int, i: int) -> dict:
         return {"prompt": PROMPTS[(cid + i) % len(PROMPTS)], "max_tokens": args.max_tokens,
@@ -236,14 +241,16 @@ def run(args, command: str) -> int:
         print(f"median clients={r['clients']:3d} tok/s={r['tokens_per_s']:.1f} speed-up={r['speedup_vs_one_at_a_time']}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = {k: getattr(args, k) for k in ("duration", "repeats", "max_tokens", "method", "k", "max_batch", "threads")}
+    setup = {k: getattr(args, k) for k in ("duration", "repeats", "max_tokens", "method", "k", "max_batch", "threads",
+                                   "dtype")}
     setup.update(model=args.model or "asarm-en-small", cpu=platform.processor() or platform.machine(),
                  cpu_count=os.cpu_count(), command=command,
-                 note="loopback; load-test clients and server on the same machine, which other jobs shared")
+                 load_average_before=load_before,
+                 note="loopback; load-test clients and server on the same machine")
     (out / "results.json").write_text(json.dumps({"setup": setup, "summary": summary, "runs": runs}, indent=2) + "\n")
     plot(summary, runs, out / "throughput.png",
          f"asarm serve, {setup['model']}, {args.method} k={args.k}, {args.max_tokens} tokens/request, "
-         f"{args.threads} torch thread(s), max batch {args.max_batch}")
+         f"{args.threads} torch thread(s), {args.dtype or 'fp32'}, max batch {args.max_batch}")
     print(f"wrote {out / 'results.json'} and {out / 'throughput.png'}")
     return 0 if all(r["errors"] == 0 for r in runs) else 1
 
