@@ -294,3 +294,11 @@ def test_cli_end_to_end_on_a_saved_checkpoint(model, tmp_path, capsys):
     assert code == 0
     assert "pass@1" in capsys.readouterr().out
     assert len(read_records([out / "records.jsonl"])) == 2
+
+
+def test_hole_length_runs_refuse_shards(model, tmp_path):
+    """Shards of a --hole-length run would each run every example into one records.jsonl."""
+    with pytest.raises(InputError, match="runs unsharded"):
+        run_from_args(parse("rocstories", "--hole-length", "posterior", "--limit", "2", "--shard", "1/2",
+                            "--output", str(tmp_path / "o")), model=model)
+    assert not (tmp_path / "o").exists()
