@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Old (v1) vs new (v2) shipped models, side by side, with the same commands (CPU, 1 thread each).
-# Usage: bash results/models-v1-v2/run.sh en|py VERSION MODEL_DIR
-#   VERSION v1: the models of git commit bbc89fb (extract them with the command in
-#   src/asarm/configs/asarm-*-small.json); v2: the shipped ones (src/asarm/shipped/...).
+# Every version of the shipped models, side by side, with the same commands (CPU, 1 thread each).
+# Usage: bash results/shipped-models/run.sh en|py VERSION MODEL_DIR
+#   VERSION v3: the shipped ones (asarm-en-small, asarm-py-small); v2 and v1: the models of git
+#   commits 7bd46bb and bbc89fb, extracted with
+#   mkdir -p runs/v2 && git archive 7bd46bb src/asarm/shipped/asarm-en-small | tar -x -C runs/v2 --strip-components=3
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIND=$1; V=$2; M=$3
-OUT=results/models-v1-v2/$V
+OUT=results/shipped-models/$V
 mkdir -p "$OUT"
 ASARM=${ASARM:-python -m asarm.cli}
 COMMON="--threads 1 --no-progress --seed 0"
