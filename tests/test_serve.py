@@ -169,9 +169,11 @@ def test_32_concurrent_same_seed_same_output(server):
         < _count(after, "asarm_batch_size_count") - _count(metrics_before, "asarm_batch_size_count")
     together = [a.json()["choices"][0]["text"] for a in answers]
     differ = [i for i in range(32) if together[i] != alone[i]]
-    if differ:  # KNOWN (reported to the engine's owner): fp32 passes differ in the last bits with the
-        # batch's shape, which can flip a draw of a 8192-token vocabulary; in float64 every row matches
-        pytest.xfail(f"requests {differ} differ alone vs among 31 others: engine fp32 batch numerics")
+    # A broken seed or a row reading its neighbours' state changes many requests: that fails here.
+    assert len(differ) <= 1, f"requests {differ} differ alone vs among 31 others"
+    if differ:  # KNOWN: fp32 passes differ in the last bits with the batch's shape, which can (rarely)
+        # flip one draw of a 8192-token vocabulary; reported, never hidden (docs/design.md, "Exact cache")
+        pytest.xfail(f"request {differ[0]} differs alone vs among 31 others: fp32 batch-shape numerics")
 
 
 def test_engine_keeps_no_autograd_graph(server, client):
