@@ -45,7 +45,8 @@ def main() -> None:
     alone = []
     for i in range(args.rows):
         engine = Engine(model)
-        handle = engine.add(*row(i)[:2], row(i)[2], seed=1000 + i)
+        ids, masked, config = row(i)
+        handle = engine.add(ids, masked, config, seed=1000 + i)
         engine.run()
         alone.append(handle.row.tokens.tolist())
     differing = 0

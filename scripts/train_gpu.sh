@@ -58,13 +58,13 @@ if ! [ -f runs/trial-en/metrics.json ] || ! [ -f runs/trial-py/metrics.json ]; t
   trial
 fi
 
-steps_for() {  # max_steps that fit MINUTES at the trial's step time (steps 10..40, both runs at once),
+steps_for() {  # max_steps that fit MINUTES at the trial's step time (steps 10..last, both runs at once),
               # and at most MAX_EPOCHS passes over the training chunks
-  $PY - "$1" "$MINUTES" "$MAX_EPOCHS" <<'EOF'
+  $PY - "$1" "$MINUTES" "$MAX_EPOCHS" "$trial_steps" <<'EOF'
 import csv, json, sys
-kind, minutes, max_epochs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+kind, minutes, max_epochs, last = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 rows = {int(r["step"]): float(r["elapsed_s"]) for r in csv.DictReader(open(f"runs/trial-{kind}/train_log.csv"))}
-step_s = (rows[40] - rows[10]) / 30
+step_s = (rows[last] - rows[10]) / (last - 10)  # the first 10 steps warm up
 by_time = int(minutes * 60 / step_s / 1.08)  # 8% for validation and checkpoints
 batch = json.load(open(f"src/asarm/configs/asarm-{kind}-small-gpu.json"))["batch_size"]
 chunks = json.load(open(f"runs/trial-{kind}/metrics.json"))["train_chunks"]

@@ -21,9 +21,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ASARMError, InputError
-from ..text import exclude_special_tokens
+from ..text import exclude_special_tokens, read_markup
 from . import handlers as H
-from .holes import completion_markup, infill_markup
+from .holes import completion_markup
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
 from .schemas import CompletionRequest, InfillRequest, ScoreRequest
@@ -261,7 +261,8 @@ class Api:
         return await collect(request, job, run.answer())
 
     async def infill(self, request, body: InfillRequest):
-        markup = infill_markup(self.state.model, self.state.tokenizer, body.text, body.max_hole, self.state.max_length)
+        markup = read_markup(self.state.model, body.text, self.state.tokenizer, max_hole=body.max_hole,
+                             max_length=self.state.max_length)
         job = self.generation_job(body, markup)
         run = InfillRun(self.state, body, job)
         if body.stream:

@@ -25,11 +25,6 @@ class Layout:
     space_moved: bool = False   # the first hole holds the space that ended the text before it
 
 
-def infill_markup(model, tokenizer, text: str, max_hole: int, max_length: int) -> Markup:
-    """A /v1/infill text, parsed and checked (InputError for bad markup, no holes, too long)."""
-    return read_markup(model, text, tokenizer, max_hole=max_hole, max_length=max_length)
-
-
 def completion_markup(model, tokenizer, body, max_length: int) -> Markup:
     """prompt [+ hole + suffix]: without a suffix the hole continues the prompt for max_tokens
     tokens; with one, its length is ``hole_length`` or chosen from the posterior over
