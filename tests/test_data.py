@@ -164,3 +164,26 @@ def test_training_ranks_semantics():
     many = training_ranks(2000, 10, torch.full((2000,), 0.3), g)
     freq = (many > 0).float().mean(0)
     assert torch.allclose(freq, torch.full((10,), 0.3), atol=0.05)
+
+
+def test_training_ranks_order_mixture():
+    """random_order=p: each row independently in a uniformly random order with probability p,
+    else left to right; 0 and 1 draw exactly what False and True draw."""
+    frac = torch.full((4000,), 0.5)
+    for flag, p in ((False, 0.0), (True, 1.0)):
+        a = training_ranks(4000, 12, frac, torch.Generator().manual_seed(5), random_order=flag)
+        b = training_ranks(4000, 12, frac, torch.Generator().manual_seed(5), random_order=p)
+        assert torch.equal(a, b)
+    r = training_ranks(4000, 12, frac, torch.Generator().manual_seed(5), random_order=0.3)
+    left_to_right = torch.tensor([torch.equal(row, ranks_from_order(12, decoding_order(row > 0, "left-to-right")))
+                                  for row in r])
+    # a random order of the 6 hidden positions is left to right with probability 1/6! = 1/720
+    share = 1 - float(left_to_right.float().mean())
+    expected = 0.3 * (1 - 1 / 720)
+    assert abs(share - expected) < 4 * (expected * (1 - expected) / 4000) ** 0.5
+    for row in r:  # every row is still a valid chain: ranks 1..n on the hidden positions
+        hidden = row > 0
+        assert sorted(row[hidden].tolist()) == list(range(1, int(hidden.sum()) + 1))
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(InputError, match="random_order"):
+            training_ranks(2, 12, torch.full((2,), 0.5), torch.Generator(), random_order=bad)

@@ -296,9 +296,21 @@ def test_cli_end_to_end_on_a_saved_checkpoint(model, tmp_path, capsys):
     assert len(read_records([out / "records.jsonl"])) == 2
 
 
-def test_hole_length_runs_refuse_shards(model, tmp_path):
-    """Shards of a --hole-length run would each run every example into one records.jsonl."""
-    with pytest.raises(InputError, match="runs unsharded"):
-        run_from_args(parse("rocstories", "--hole-length", "posterior", "--limit", "2", "--shard", "1/2",
-                            "--output", str(tmp_path / "o")), model=model)
-    assert not (tmp_path / "o").exists()
+def test_hole_length_shards_side_by_side_equal_one_run(model, tmp_path):
+    """Shards of a --hole-length run share one folder (a record file each); together they give
+    the unsharded run's records and summary, and a rerun finds nothing left to do."""
+    def records(folder):
+        recs = read_records(sorted(folder.glob("records*.jsonl")))
+        return sorted((json.dumps({k: v for k, v in r.items() if k != "elapsed_s"}, sort_keys=True) for r in recs))
+
+    args = ("rocstories", "--hole-length", "posterior", "--limit", "3", "--no-progress")
+    whole = run_from_args(parse(*args, "--output", str(tmp_path / "whole")), model=model)
+    for i in (1, 0):
+        sharded = run_from_args(parse(*args, "--shard", f"{i}/2", "--output", str(tmp_path / "shards")), model=model)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("records*.jsonl")) == [
+        "records.shard-0-of-2.jsonl", "records.shard-1-of-2.jsonl"]
+    assert len(read_records([tmp_path / "shards" / "records.shard-1-of-2.jsonl"])) == 1  # example 1 of 0, 1, 2
+    assert records(tmp_path / "shards") == records(tmp_path / "whole") and len(records(tmp_path / "whole")) == 3
+    assert sharded["modes"] == whole["modes"] and sharded["examples"] == 3
+    run_from_args(parse(*args, "--output", str(tmp_path / "shards")), model=model)  # unsharded rerun: nothing left
+    assert not (tmp_path / "shards" / "records.jsonl").exists() or not read_records([tmp_path / "shards" / "records.jsonl"])

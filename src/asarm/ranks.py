@@ -65,11 +65,16 @@ def ranks_from_order(length: int, hidden_order: torch.Tensor, valid_length: int 
 
 
 def training_ranks(batch: int, length: int, hidden_fraction: torch.Tensor, generator: torch.Generator,
-                   random_order: bool = False) -> torch.Tensor:
+                   random_order: bool | float = False) -> torch.Tensor:
     """The paper's training structure: per row, round(fraction * L) hidden positions (at least 1)
     chosen uniformly; visible first (rank 0), then hidden left to right (or in a uniformly random
     order). Vectorised over the batch; the same ranks ``ranks_from_order`` would build from the
-    hidden mask and its decoding order."""
+    hidden mask and its decoding order.
+
+    ``random_order``: False (every row left to right), True (every row in a uniformly random
+    order) or a probability p in [0, 1]: each row independently takes a random order with
+    probability p (a mixture of orders; 0 and 1 draw exactly what False and True draw)."""
+    p = _random_order_probability(random_order)
     fraction = torch.as_tensor(hidden_fraction, dtype=torch.float64).reshape(-1).cpu()
     if fraction.numel() != batch:
         raise InputError(f"hidden_fraction needs {batch} values, got {fraction.numel()}")
@@ -78,9 +83,19 @@ def training_ranks(batch: int, length: int, hidden_fraction: torch.Tensor, gener
     keys = torch.rand(batch, length, generator=generator)
     slot = keys.argsort(dim=1).argsort(dim=1)  # position's place in the random permutation
     masked = slot < n_hidden[:, None]
-    if random_order:
+    rank = masked.long().cumsum(dim=1)
+    if p > 0:
         okeys = torch.rand(batch, length, generator=generator).masked_fill(~masked, 2.0)
-        rank = okeys.argsort(dim=1).argsort(dim=1) + 1
-    else:
-        rank = masked.long().cumsum(dim=1)
+        shuffled = okeys.argsort(dim=1).argsort(dim=1) + 1
+        # p == 1 draws no choice, so True and 1.0 consume the generator exactly as before
+        chosen = torch.ones(batch, dtype=torch.bool) if p == 1 else torch.rand(batch, generator=generator) < p
+        rank = torch.where(chosen[:, None], shuffled, rank)
     return torch.where(masked, rank, torch.zeros_like(rank))
+
+
+def _random_order_probability(random_order: bool | float) -> float:
+    if isinstance(random_order, bool):
+        return float(random_order)
+    if not isinstance(random_order, (int, float)) or not 0 <= random_order <= 1:
+        raise InputError(f"random_order must be true, false or a probability in [0, 1], got {random_order!r}")
+    return float(random_order)

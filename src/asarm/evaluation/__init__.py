@@ -87,15 +87,12 @@ def run_from_args(args, model=None) -> dict:
     task = _task_module(args.eval_task).build_task(model, args)
     out = Path(args.output) if args.output else default_output(args)
     if getattr(args, "hole_length", "oracle") != "oracle":  # holes of unknown length: evaluation/hole_length.py
-        if shard[1] > 1:  # two shards would each run every example into the same records.jsonl
-            raise InputError(f"--hole-length {args.hole_length} runs unsharded (shard {shard[0]}/{shard[1]} "
-                             "asked for); it resumes from its records.jsonl when run again")
         from .hole_length import run
         from .hole_length_report import write_report
 
         out = Path(args.output) if args.output else Path(f"{default_output(args)}-hole-length")
         run(task, model, out_dir=out, limit=args.limit, seed=args.seed, progress=not args.no_progress,
-            model_name=args.model or "asarm-en-small")
+            model_name=args.model or "asarm-en-small", shard=shard)
         summary = write_report(out)
         print((out / "summary.md").read_text())
         return summary

@@ -18,7 +18,10 @@ training data (the Python standard library without tests), both with add-one smo
 the candidates. The context is trimmed (``fit_infill``) so that the longest candidate fits, the
 same context for every way of choosing the length.
 
-Records (one JSON line per example, resumable) keep both factorizations' evidence
+Records (one JSON line per example, resumable; shard ``i/n`` takes the examples whose index is
+``i`` mod ``n`` into ``records.shard-i-of-n.jsonl``, and every run and the report read all the
+folder's record files, so shards run side by side and an unsharded rerun finishes what is left)
+keep both factorizations' evidence
 log-likelihoods for every candidate, so posterior accuracy under any prior is recomputed from
 them: exact-length rate, mean absolute error and mean posterior probability of the true length.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +39,7 @@ import torch
 
 from ..errors import InputError
 from ..lengths import FACTORIZATIONS, evidence_log_likelihoods
-from .common import Example, RecordWriter, batch_seed, fit_infill, pad_batch, read_records
+from .common import RECORD_GLOB, Example, RecordWriter, batch_seed, fit_infill, pad_batch, read_records, records_path
 
 PRIORS = ("uniform", "learned")
 MAX_LENGTH = {"rocstories": 32, "humaneval-infilling": 48}
@@ -131,9 +135,10 @@ def run_example(task, model, index, pieces, lengths_wanted, max_len, seed, prior
     examples = [Example(index, info["id"], p + m_ + s, [False] * len(p) + [True] * len(m_) + [False] * len(s), info)
                 for m_ in ([0] * n for n in distinct)]
     ids, masked, att = pad_batch(examples, model.config.mask_token_id, model.config.mask_token_id)
-    res = sample(model, ids, masked, attention_mask=att, method="assd", draft="self", k=5, greedy=True,
-                 seed=batch_seed(seed, index))
-    outputs = [res.input_ids[b, : len(e.ids)].tolist() for b, e in enumerate(examples)]
+    dev = model.device
+    res = sample(model, ids.to(dev), masked.to(dev), attention_mask=att.to(dev), method="assd", draft="self", k=5,
+                 greedy=True, seed=batch_seed(seed, index))
+    outputs = [res.input_ids[b, : len(e.ids)].tolist() for b, e in enumerate(examples)]  # .tolist(): on the host
     generated = [[t for t, h in zip(o, e.hidden) if h] for o, e in zip(outputs, examples)]
     metrics = task.score(examples, outputs, generated)
     keep = ("rouge1", "rouge2", "rougeL", "passed", "status", "output", "exact_match")
@@ -143,7 +148,7 @@ def run_example(task, model, index, pieces, lengths_wanted, max_len, seed, prior
 
 
 # --- the run -------------------------------------------------------------------------------------------
-def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=None) -> None:
+def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=None, shard=(0, 1)) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_len = MAX_LENGTH[task.name]
@@ -154,27 +159,33 @@ def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=N
     else:
         counts, source = learned_prior_counts(task, max_len)
         prior_info = {"counts": counts, "source": source, "smoothing": "add-one", "max_length": max_len}
-        prior_path.write_text(json.dumps(prior_info) + "\n")
+        _write_atomically(prior_path, json.dumps(prior_info) + "\n")  # shards side by side may both write it
     prior = smoothed(prior_info["counts"])
-    fixed = round(sum(len(x[1]) for x in pieces) / len(pieces))
+    fixed = round(sum(len(x[1]) for x in pieces) / len(pieces))  # over all examples, whichever the shard
     prior_mode = max(range(max_len), key=lambda i: prior[i]) + 1
     meta = {"task": task.name, "settings": task.settings(), "model": model_name, "seed": seed, "examples": len(pieces),
             "fixed_length": fixed, "prior_mode": prior_mode, "decoding": "greedy (ASSD self-draft k=5)",
             "candidates": [1, max_len], "modes": mode_names()}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    rec_path = out_dir / "records.jsonl"
-    done = {int(r["index"]) for r in read_records([rec_path])}
-    writer = RecordWriter(rec_path)
+    _write_atomically(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    done = {int(r["index"]) for r in read_records(sorted(out_dir.glob(RECORD_GLOB)))}
+    mine = [i for i in range(len(pieces)) if i % shard[1] == shard[0] and i not in done]
+    writer = RecordWriter(records_path(out_dir, shard))
     try:
-        for i, pc in enumerate(pieces):
-            if i in done:
-                continue
+        for n, i in enumerate(mine):
             start = time.perf_counter()
-            rec = run_example(task, model, i, pc, {"oracle": len(pc[1]), "fixed": fixed, "prior-mode": prior_mode},
-                              max_len, seed, prior)
+            rec = run_example(task, model, i, pieces[i], {"oracle": len(pieces[i][1]), "fixed": fixed,
+                                                          "prior-mode": prior_mode}, max_len, seed, prior)
             rec["elapsed_s"] = time.perf_counter() - start
+            rec["device"] = str(model.device)
             writer.write([rec])
             if progress:
-                print(f"{task.name} {i + 1}/{len(pieces)} {rec['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+                print(f"{task.name} example {i} ({n + 1}/{len(mine)} left in this run) {rec['elapsed_s']:.1f}s",
+                      file=sys.stderr, flush=True)
     finally:
         writer.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import mean_ci, proportion_ci, read_records
+from .common import RECORD_GLOB, mean_ci, proportion_ci, read_records
 from .hole_length import PRIORS, mode_names, posterior, smoothed
 
 METRICS = {"rocstories": ("rouge1", "rouge2", "rougeL"), "humaneval-infilling": ("passed",)}
@@ -70,7 +70,7 @@ def write_report(out_dir) -> dict:
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / "meta.json").read_text())
     prior = smoothed(json.loads((out_dir / "prior.json").read_text())["counts"])
-    by_index = {int(r["index"]): r for r in read_records([out_dir / "records.jsonl"])}
+    by_index = {int(r["index"]): r for r in read_records(sorted(out_dir.glob(RECORD_GLOB)))}  # every shard's
     records = [by_index[i] for i in sorted(by_index)]
     summary = summarize(records, meta, prior)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

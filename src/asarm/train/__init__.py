@@ -3,8 +3,8 @@
 ``asarm train --config cfg.json [--set key=value ...] [--resume] [--out DIR]``; see
 docs/training.md. Per sequence a hidden fraction is drawn (warm-up: from 15% to uniform in
 [85%, 99%] over the first ``mask_warmup_steps`` steps), that many positions are hidden uniformly
-at random, the order is visible first then hidden left to right (``random_order`` for uniform
-orders), and the loss is the mean cross-entropy of the query-stream predictions at the hidden
+at random, the order is visible first then hidden left to right (``random_order``: true for
+uniform orders, a probability p for a mixture: each sequence in a random order with probability p), and the loss is the mean cross-entropy of the query-stream predictions at the hidden
 positions, all factors of the chain from one pass (``ASARM.chain_logits``).
 
 The package, one file per concern:

@@ -50,7 +50,7 @@ class TrainConfig:
     mask_start: float = 0.15
     mask_low: float = 0.85
     mask_high: float = 0.99
-    random_order: bool = False
+    random_order: bool | float = False  # or p in [0, 1]: that share of rows in random orders (a mixture)
     # validation
     eval_every: int = 200
     eval_chunks: int = 64
@@ -99,6 +99,9 @@ class TrainConfig:
         if self.max_shard_mb is not None and (not isinstance(self.max_shard_mb, (int, float))
                                               or isinstance(self.max_shard_mb, bool) or self.max_shard_mb <= 0):
             problems.append(f"max_shard_mb must be a positive number or null, got {self.max_shard_mb!r}")
+        ro = self.random_order
+        if not (isinstance(ro, bool) or (isinstance(ro, (int, float)) and 0 <= ro <= 1)):
+            problems.append(f"random_order must be true, false or a probability in [0, 1], got {ro!r}")
         if not isinstance(self.mixed_precision, bool):
             problems.append(f"mixed_precision must be true or false, got {self.mixed_precision!r}")
         eml = self.export_max_length
@@ -118,9 +121,6 @@ class TrainConfig:
 
     def export_length(self) -> int | None:
         """max_length written into an exported config.json."""
-        if self.max_shard_mb is not None and (not isinstance(self.max_shard_mb, (int, float))
-                                              or isinstance(self.max_shard_mb, bool) or self.max_shard_mb <= 0):
-            problems.append(f"max_shard_mb must be a positive number or null, got {self.max_shard_mb!r}")
         eml = self.export_max_length
         if eml == "seq_len":
             return self.seq_len

@@ -25,7 +25,7 @@ def mask_range(cfg: TrainConfig, step: int) -> tuple[float, float]:
 
 
 def sample_ranks(batch: int, length: int, low: float, high: float, generator: torch.Generator,
-                 random_order: bool = False) -> torch.Tensor:
+                 random_order: bool | float = False) -> torch.Tensor:
     fraction = low + (high - low) * torch.rand(batch, generator=generator, dtype=torch.float64)
     return training_ranks(batch, length, fraction, generator, random_order=random_order)
 
