@@ -274,3 +274,47 @@ def test_kill_timeout_and_verdict_layers_need_no_namespaces():
     assert {"guard", "rlimits"} <= layers
     if os.uname().machine in ("x86_64", "aarch64"):
         assert {"seccomp", "no-fork"} <= layers
+
+
+def test_a_world_readable_interpreter_runs_programs_as_root_too():
+    """As root with a world-readable interpreter the program runs as a fresh unprivileged uid
+    that owns the work directory; that directory's owner must change before the private file
+    system goes read-only (once it did not: every program 'failed', and a whole HumanEval run
+    scored 0 on a GPU machine whose Python lives in world-readable /opt)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from asarm.evaluation.sandbox_child import others_can_read
+
+    def readable(python):  # every directory on the interpreter's isolated sys.path readable by anyone
+        out = subprocess.run([python, "-I", "-c", "import sys; print('\\n'.join(p for p in sys.path if p))"],
+                             capture_output=True, text=True).stdout.split()
+        return bool(out) and all(others_can_read(p) for p in out if os.path.isdir(p))
+
+    found = [p for p in (getattr(sys, "_base_executable", None), "/usr/bin/python3", "/usr/local/bin/python3",
+                         shutil.which("python3")) if p and os.path.isfile(p)]
+    python = next((p for p in found if readable(p)), sys.executable)
+    r = run_program("x = 1\nassert x == 1\n", python=python)
+    assert r.status == "passed", r.detail
+    prob = problems("single-line", 1)[0]
+    assert run_program(humaneval_program(prob, prob["canonical_solution"]), python=python).passed
+    if os.geteuid() == 0 and readable(python):
+        assert "unprivileged-uid" in r.layers
+        if "pid-namespace" in sandbox_layers():
+            assert "mount-namespace" in r.layers
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatch):
+    r = run_program("x = 1\n", python="/nonexistent/python3")
+    assert r.status == "error" and not r.passed and "could not start" in r.detail
+    # a HumanEval task refuses to score where the sandbox cannot run its first canonical solution
+    import asarm.evaluation.humaneval as he
+    from asarm.errors import SandboxError
+    from asarm.evaluation.execution import ExecResult
+
+    monkeypatch.setattr(he, "run_programs", lambda sources, **kw: [ExecResult("error", "no sandbox", 0.0)] * len(sources))
+    task = he.HumanEvalInfillingTask.__new__(he.HumanEvalInfillingTask)
+    task.timeout, task.memory_mb, task._sandbox_checked = 3.0, 1024, False
+    with pytest.raises(SandboxError, match="cannot run HumanEval programs.*no sandbox"):
+        task.check_sandbox(problems("single-line", 1)[0])

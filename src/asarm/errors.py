@@ -9,5 +9,9 @@ class CheckpointError(ASARMError):
     """A checkpoint directory, config or weight file is missing, corrupt or mismatched."""
 
 
+class SandboxError(ASARMError):
+    """Generated programs cannot be run on this machine (the sandbox itself fails)."""
+
+
 class InputError(ASARMError):
     """Token ids, masks, options or text that cannot be used."""

@@ -37,7 +37,7 @@ KILL_SLACK = 5.0  # seconds the harness waits for a killed tree before giving up
 
 @dataclasses.dataclass
 class ExecResult:
-    status: str  # "passed" | "failed" | "timeout"
+    status: str  # "passed" | "failed" | "timeout" | "error" (the sandbox could not run it: says nothing of the program)
     detail: str  # last lines of the program's error output (or why it was stopped)
     elapsed: float
     layers: tuple[str, ...] = ()  # sandbox layers that were active for this run
@@ -170,11 +170,12 @@ def _result(code, info: list[dict], err: str, cpu: int, timeout: float, elapsed:
     if code == child.CPU_LIMIT:
         return ExecResult("timeout", f"CPU time limit ({cpu}s) exceeded", elapsed, layers)
     tail = "\n".join(err.strip().splitlines()[-5:])
+    if code in (-1, child.SETUP_FAILED):  # the interpreter did not start, or the sandbox failed
+        return ExecResult("error", tail or "the sandbox could not be set up", elapsed, layers)
     why = {child.EXITED_EARLY: "program exited before running to its end",
            child.KILLED: "killed by signal {} (memory limit?)".format(
                next((line["signal"] for line in info if "signal" in line), "?")),
-           child.BAD_EXIT: "program ended without running to its end",
-           child.SETUP_FAILED: "the sandbox could not be set up"}.get(code, f"exit code {code}")
+           child.BAD_EXIT: "program ended without running to its end"}.get(code, f"exit code {code}")
     return ExecResult("failed", tail or why, elapsed, layers)
 
 

@@ -21,7 +21,7 @@ import gzip
 import json
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, SandboxError
 from .common import Example, find_shared_data, fit_infill
 from .execution import humaneval_program, run_programs
 
@@ -75,6 +75,7 @@ class HumanEvalInfillingTask:
         self.memory_mb = memory_mb
         self.workers = workers
         self.max_tokens = model_max_tokens(model, max_tokens)
+        self._sandbox_checked = False
 
     def settings(self) -> dict:
         return {"variant": self.variant, "data": str(self.path), "timeout_s": self.timeout,
@@ -87,9 +88,21 @@ class HumanEvalInfillingTask:
             problems = problems[:limit]
         return [problem_example(i, pr, self.tokenizer, self.max_tokens) for i, pr in enumerate(problems)]
 
+    def check_sandbox(self, problem: dict) -> None:
+        """Run one canonical solution before anything is scored: where the sandbox cannot run
+        programs, every completion would silently count as a failure (pass@1 = 0)."""
+        r = run_programs([humaneval_program(problem, problem["canonical_solution"])], workers=1,
+                         timeout=max(self.timeout, 10.0), memory_mb=self.memory_mb)[0]
+        if not r.passed:
+            raise SandboxError(f"the sandbox cannot run HumanEval programs on this machine: {problem['task_id']}'s "
+                               f"canonical solution gave {r.status!r} ({r.detail.strip()[-300:] or 'no detail'})")
+        self._sandbox_checked = True
+
     def score(self, examples, outputs, generated) -> list[dict]:
         from ..tokenization import decode
 
+        if not self._sandbox_checked:
+            self.check_sandbox(examples[0].info["problem"])
         middles = [decode(self.tokenizer, g) for g in generated]
         programs = [humaneval_program(e.info["problem"], m) for e, m in zip(examples, middles)]
         runnable = [i for i, e in enumerate(examples) if not e.info.get("skipped")]

@@ -471,6 +471,9 @@ def supervise(cfg: dict, info_fd: int, layers: list[str]) -> int:
     is left. Returns the verdict."""
     in_pidns = "pid-namespace" in layers
     work = work_fd = os.open(cfg["work"], os.O_RDONLY | os.O_DIRECTORY)
+    # before private_filesystem: the work directory's owner can only change while its mount is
+    # still writable (the read-only remount covers the mount work_fd was opened on)
+    uid = sandbox_uid(cfg, work_fd)
     if in_pidns:
         try:
             work = private_filesystem(cfg["work"])
@@ -479,7 +482,6 @@ def supervise(cfg: dict, info_fd: int, layers: list[str]) -> int:
             info(info_fd, warning=f"no private file system view: {exc}")
     else:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-    uid = sandbox_uid(cfg, work_fd)
     me = os.getpid()
     child = os.fork()
     if child == 0:
