@@ -180,6 +180,11 @@ def test_config_errors_and_cli(corpus, tmp_path, capsys):
         load_config(None, ["data=[\"x\"]", "model.d_modle=3"])
     with pytest.raises(InputError, match="does not exist"):
         load_config(str(tmp_path / "nope.json"))
+    for bad in ("1.5", "-0.1", '"half"'):
+        with pytest.raises(InputError, match="random_order must be true, false or a probability"):
+            load_config(str(write_cfg(tmp_path / "r.json", tiny_cfg(corpus, tmp_path / "r"))), [f"random_order={bad}"])
+    assert load_config(str(write_cfg(tmp_path / "r.json", tiny_cfg(corpus, tmp_path / "r"))),
+                       ["random_order=0.5"]).random_order == 0.5
     bad = write_cfg(tmp_path / "m.json", tiny_cfg(corpus, tmp_path / "m", data=[str(tmp_path / "missing")]))
     assert main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
