@@ -69,8 +69,15 @@ done
 wait "${train_pids[@]}"
 echo "training done at $(( $(date +%s) - START )) s" | tee -a runs/logs-gpu/times.txt
 
-# 3. ROCStories for both new models
+# 3. ROCStories for both new models (ROUGE needs rouge-score, which the GPU machine's Python lacks:
+#    bring it as wheels, see /work/.library/device/README.md, and export PYTHONPATH to them; or run
+#    this part of results/hole-length/run.sh afterwards on the CPU, as issue 13's run did)
+if ! $PY -c "import rouge_score" 2>/dev/null; then
+  echo "rouge_score missing here: ROCStories skipped" | tee -a runs/logs-gpu/times.txt
+  RS_SHARDS=0
+fi
 for p in 0 "$MIX"; do
+  [ "$RS_SHARDS" -gt 0 ] || break
   for i in $(seq 0 $((RS_SHARDS - 1))); do
     OMP_NUM_THREADS=1 timeout $(($(left) - 20)) bash -c "$ASARM eval rocstories --model runs/orders-$p/model \
       --hole-length posterior --limit $RS_LIMIT --threads 1 --device $DEVICE --shard $i/$RS_SHARDS --no-progress \
@@ -79,6 +86,7 @@ for p in 0 "$MIX"; do
 done
 wait
 for d in "$HE" "$RESULTS"/rocstories-orders-*; do  # each folder's summary over all its shards
+  ls "$d"/records*.jsonl >/dev/null 2>&1 || continue
   $PY -c "import sys; from asarm.evaluation.hole_length_report import write_report; write_report(sys.argv[1])" "$d"
 done
 echo "all done at $(( $(date +%s) - START )) s" | tee -a runs/logs-gpu/times.txt
@@ -86,7 +94,7 @@ echo "all done at $(( $(date +%s) - START )) s" | tee -a runs/logs-gpu/times.txt
 # what comes back: the weight shards, and one tar.gz of the rest
 for p in 0 "$MIX"; do
   for f in runs/orders-$p/model/model*.safetensors; do [ -f "$f" ] && mv "$f" "$OUT/orders-$p-$(basename "$f")"; done
-  cp runs/orders-$p/{train_log.csv,valid_log.csv,metrics.json,loss.png} "runs/orders-$p/model/" 2>/dev/null
+  cp runs/orders-$p/{train_config.json,train_log.csv,valid_log.csv,metrics.json,loss.png} "runs/orders-$p/model/" 2>/dev/null
 done
 tar -czf "$OUT/rest.tar.gz" runs/logs-gpu runs/orders-*/model "$RESULTS"/rocstories-orders-* "$HE"
 ls -la "$OUT"

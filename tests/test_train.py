@@ -117,9 +117,11 @@ def test_loss_falls_and_export_loads(corpus, tmp_path):
     assert load_model(tmp_path / "exp", device="cpu").config.vocab_size == model.config.vocab_size
     # fine-tuning a local HF checkpoint (its tokenizer comes along)
     ft = tiny_cfg(corpus, tmp_path / "ft", model={}, tokenizer=None, init_from=str(tmp_path / "run" / "model"),
-                  max_steps=3, eval_every=3, save_every=3, grad_accum=2, random_order=True)
+                  max_steps=3, eval_every=3, save_every=3, grad_accum=2, random_order=0.5)
     ft_result = train(TrainConfig(**ft))
     assert ft_result["step"] == 3 and ft_result["best_valid_loss"] < 4.0  # starts from the trained weights
+    recorded = json.loads((tmp_path / "ft" / "model" / "training_metrics.json").read_text())["train_config"]
+    assert recorded["random_order"] == 0.5 and recorded["init_from"] == str(tmp_path / "run" / "model")
     held = evaluate_sources(tmp_path / "run" / "model", [str(corpus[0])], seq_len=32, max_chunks=4, batch_size=4)
     assert held["chunks"] == 4 and math.isfinite(held["loss"])
 

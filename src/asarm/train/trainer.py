@@ -373,6 +373,7 @@ class Trainer:
             "device": str(self.device),
             "wall_time_s": round(self.state.elapsed(), 1),
             "model_config": exported["model"].config.to_dict(),
+            "train_config": dataclasses.asdict(cfg),  # the exported model says how it was trained (orders, masks, ...)
         })
         write_metrics(self.out_dir / "metrics.json", result)
         write_metrics(export_dir / "training_metrics.json", result)
