@@ -68,6 +68,7 @@ def test_length_posterior_matches_transformers(model, factorization, temperature
     ours = length_posterior(model, LEFT, RIGHT, lengths=lengths, prior=prior, temperature=temperature,
                             factorization=factorization)
     ref = reference_posterior(model, [LEFT, RIGHT], [(n,) for n in lengths], factorization, prior, temperature)
+    print(f"length posterior vs transformers, {factorization}, T={temperature}: max |diff| {float((ours - ref).abs().max()):.1e}")
     assert float((ours - ref).abs().max()) < 1e-5
     assert abs(float(ours.sum()) - 1.0) < 1e-9
     assert float((ours - torch.tensor(prior)).abs().max()) > 1e-3  # the context does move the posterior
@@ -78,6 +79,7 @@ def test_joint_posterior_of_two_holes_matches_transformers(model, factorization)
     segments = [[1, 3], [4], [2, 0]]
     cells, probs = joint_posterior(model, segments, [[1, 2, 3], [1, 2]], factorization=factorization)
     ref = reference_posterior(model, segments, cells, factorization, [1.0] * len(cells))
+    print(f"joint posterior of two holes vs transformers, {factorization}: max |diff| {float((probs - ref).abs().max()):.1e}")
     assert float((probs - ref).abs().max()) < 1e-5
 
 
@@ -188,7 +190,8 @@ def test_choose_lengths_draws_from_the_joint_posterior(model):
 def test_length_and_tokens_match_the_exact_joint(model):
     ref = reference_joint(model)
     assert abs(sum(ref.values()) - 1) < 1e-9
-    _, p = g_test(draw_pairs(model, seed=5), ref)
+    g, p = g_test(draw_pairs(model, seed=5), ref)
+    print(f"(length, tokens) vs the exact joint: G = {g:.1f}, p = {p:.3f}")
     assert p > ALPHA, f"G-test p={p:.2e}"
 
 
@@ -196,7 +199,8 @@ def test_negative_control_lengths_from_the_prior_alone_fail(model):
     ref = reference_joint(model)
     marginal = [sum(v for k, v in ref.items() if k[0] == n) for n in JOINT_LENGTHS]
     assert max(abs(a - b) for a, b in zip(marginal, JOINT_PRIOR)) > 0.05  # the evidence matters here
-    _, p = g_test(draw_pairs(model, seed=5, lengths_from=JOINT_PRIOR), ref)
+    g, p = g_test(draw_pairs(model, seed=5, lengths_from=JOINT_PRIOR), ref)
+    print(f"negative control (lengths from the prior alone): G = {g:.1f}, p = {p:.1e}")
     assert p < ALPHA, f"the control passed: p={p:.2e}"
 
 
