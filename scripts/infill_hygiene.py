@@ -15,6 +15,7 @@ the word's leading space; a newline or punctuation there is not counted). ``--al
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
     counts = {"special": 0, "unk": 0, "replacement_char": 0, "double_space": 0, "glued": 0}
-    samples = []
+    samples, double_cases = [], []
     start = time.perf_counter()
     for i, (left, _, right) in enumerate(stories(args.n)):
         right = right.lstrip()  # split_story gives " S4 S5"; the markup puts the space back
@@ -59,12 +60,18 @@ def main() -> int:
         counts["unk"] += "<unk>" in out
         counts["replacement_char"] += "\ufffd" in out
         # the markup moved the space before the hole into it, and " " + right is the right context
-        counts["double_space"] += middle is None or middle.startswith("  ") or middle.endswith("  ")
+        doubled = middle is None or middle.startswith("  ") or middle.endswith("  ")
+        counts["double_space"] += doubled
+        if doubled:  # what is around it: e.g. two spaces after a full stop, as older typed text has them
+            edge = (left[-20:] + "|" + middle[:20]) if middle and middle.startswith("  ") else (
+                (middle[-20:] + "|" + right[:20]) if middle else out[len(left) - 20:len(left) + 40])
+            double_cases.append({"story": i, "edge": edge, "after_sentence_end": bool(re.search(r'[.!?]["\']?\|?  ', edge))})
         counts["glued"] += bool(middle) and middle[0].isalnum()
         samples.append(out)
     result = {"model": args.model, "n": args.n, "allow_special": args.allow_special, "counts": counts,
               "threads": args.threads, "seconds": round(time.perf_counter() - start, 1),
-              "command": "python scripts/infill_hygiene.py " + " ".join(sys.argv[1:]), "first_samples": samples[:10]}
+              "command": "python scripts/infill_hygiene.py " + " ".join(sys.argv[1:]), "double_space_cases": double_cases,
+              "first_samples": samples[:10]}
     print(json.dumps({k: v for k, v in result.items() if k != "first_samples"}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
