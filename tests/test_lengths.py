@@ -269,3 +269,60 @@ def test_hole_length_summary_from_records():
     assert abs(rows["posterior/right-given-left/uniform"]["p_true"]["mean"] - 0.6) < 1e-12  # 3 / (1 + 3 + 1)
     assert abs(rows["posterior/left-given-right/learned"]["p_true"]["mean"] - 0.25) < 1e-12
     assert abs(rows["prior-mode"]["p_true"]["mean"] - 0.25) < 1e-12
+
+
+# --- a length prior measured on text ---------------------------------------------------------------
+SAMPLE = "The cat sat. It was warm!\nA dog (old) barked? Yes.\n\n  Nobody came.\n\n\ndef f():\n    return 1\n"
+
+
+def test_text_units():
+    from asarm.lengths import text_units
+
+    assert text_units(SAMPLE, "line") == ["The cat sat. It was warm!\n", "A dog (old) barked? Yes.\n",
+                                          "  Nobody came.\n", "def f():\n", "    return 1\n"]
+    assert text_units(SAMPLE, "sentence") == [" The cat sat.", " It was warm!", " A dog (old) barked?", " Yes.",
+                                              " Nobody came.", " def f(): return 1"]
+    assert text_units(SAMPLE, "paragraph") == [" The cat sat. It was warm! A dog (old) barked? Yes.",
+                                               " Nobody came.", " def f(): return 1"]
+    with pytest.raises(InputError, match="unknown unit"):
+        text_units(SAMPLE, "word")
+
+
+def test_length_prior_from_text_counts_tokens():
+    from asarm.cli_args import SHIPPED_DIR
+    from asarm.lengths import length_counts, length_prior_from_text, text_units
+    from asarm.tokenization import encode, load_tokenizer
+
+    tok = load_tokenizer(SHIPPED_DIR / "asarm-en-small")
+    lengths = [len(encode(tok, u)) for u in text_units(SAMPLE, "sentence")]
+    top = max(lengths)
+    counts, longer = length_counts(tok, text_units(SAMPLE, "sentence"), top - 1)
+    assert longer == lengths.count(top) and sum(counts) == len(lengths) - longer
+    prior = length_prior_from_text(tok, [SAMPLE], "sentence", max_length=top, smoothing=0.5)
+    assert len(prior) == top and abs(sum(prior) - 1) < 1e-12
+    total = len(lengths) + 0.5 * top
+    assert all(abs(prior[n - 1] - (lengths.count(n) + 0.5) / total) < 1e-12 for n in range(1, top + 1))
+    with pytest.raises(InputError, match="no sentence of 1 to 1 tokens"):
+        length_prior_from_text(tok, ["Nothing here is one token long at all."], "sentence", max_length=1, smoothing=0)
+    with pytest.raises(InputError, match="smoothing"):
+        length_prior_from_text(tok, [SAMPLE], smoothing=-1)
+    with pytest.raises(InputError, match="max_length"):
+        length_counts(tok, ["a"], 0)
+
+
+def test_cli_length_prior_feeds_infill(capsys, tmp_path):
+    import json
+
+    text = tmp_path / "stories.txt"
+    text.write_text("She went home. He stayed at the party until late.\n\nThey met again the next day.\n")
+    out = tmp_path / "prior.json"
+    code, _, err = run_cli(capsys, "length-prior", str(text), "--max-hole", "12", "--out", str(out))
+    assert code == 0, err
+    assert "3 sentences of 1-12 tokens" in err and "--length-prior" in err
+    prior = json.loads(out.read_text())
+    assert len(prior) == 12 and abs(sum(prior) - 1) < 1e-6 and max(prior) > min(prior)
+    code, _, err = run_cli(capsys, "infill", "The [MASK] sat on the mat.", "--length-prior", str(out), "--max-hole", "12",
+                           "--seed", "0", "--stats")
+    assert code == 0 and "candidates 1-12, exact" in err, err
+    code, _, err = run_cli(capsys, "length-prior", str(tmp_path / "missing.txt"))
+    assert code == 2 and "cannot read" in err and err.count("\n") == 1

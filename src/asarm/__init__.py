@@ -26,6 +26,7 @@ _LAZY = {
     "load_tokenizer": "tokenization",
     "infill": "text",
     "length_posterior": "lengths",
+    "length_prior_from_text": "lengths",
     "score": "scoring",
     "ScoreResult": "scoring",
 }

@@ -1,4 +1,4 @@
-"""The ``asarm`` command line: infill, generate, score, train, eval, bench, models.
+"""The ``asarm`` command line: infill, generate, length-prior, score, train, eval, bench, models.
 
 User mistakes (bad markup, a missing checkpoint, bad options, input that is not text) print one
 line and exit with code 2; anything else is a bug and keeps its traceback.
@@ -159,6 +159,33 @@ def cmd_infill(args) -> int:
     return run_infill(args, read_text(args))
 
 
+def cmd_length_prior(args) -> int:
+    """Measure a length prior for [MASK] holes on text like the user's (the prior carries nearly all
+    the length information with our small models: results/hole-length)."""
+    from .lengths import length_counts, length_prior_from_text, text_units
+
+    texts = [read_text(argparse.Namespace(file=None if path == "-" else path, text=path)) for path in args.files]
+    tokenizer = getattr(load_cli_model(args), "tokenizer", None)
+    if tokenizer is None:
+        raise InputError(f"{args.model}: this model has no tokenizer files")
+    prior = length_prior_from_text(tokenizer, texts, unit=args.unit, max_length=args.max_hole,
+                                   smoothing=args.smoothing)
+    pieces = [u for t in texts for u in text_units(t, args.unit)]
+    counts, longer = length_counts(tokenizer, pieces, args.max_hole)
+    out = json.dumps([round(w, 8) for w in prior]) + "\n"
+    if args.out:
+        Path(args.out).write_text(out)
+    else:
+        sys.stdout.write(out)
+    n = sum(counts)
+    mean = sum((i + 1) * c for i, c in enumerate(counts)) / n if n else float("nan")
+    mode = max(range(len(prior)), key=prior.__getitem__) + 1
+    print(f"{n} {args.unit}s of 1-{args.max_hole} tokens ({longer} longer, left out), mean {mean:.1f} tokens, "
+          f"mode {mode}; use it with: asarm infill --length-prior {args.out or 'FILE'} --max-hole {args.max_hole}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
     if args.length < 1:
         raise InputError(f"--length must be >= 1, got {args.length}")
@@ -288,6 +315,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("length-prior", help="measure a [MASK] length prior on your text (for --length-prior)",
+                       description="Count the token lengths of the lines, sentences or paragraphs of FILEs with the "
+                                   "model's tokenizer and write the prior over hole lengths 1..--max-hole as a JSON list "
+                                   "(add-one smoothed) for `asarm infill --length-prior`. With small models this prior "
+                                   "carries nearly all the information about a hole's length.")
+    p.add_argument("files", nargs="+", help="UTF-8 text files like the text you will fill ('-' for stdin)")
+    p.add_argument("--unit", default="sentence", choices=["line", "sentence", "paragraph"],
+                   help="what one hole holds (default sentence; line for code)")
+    p.add_argument("--max-hole", type=int, default=32, help="longest length (default 32, as infill's [MASK])")
+    p.add_argument("--smoothing", type=float, default=1.0, help="added to every length's count (default 1)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: standard output)")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_length_prior)
 
     p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)",
                        description="Continue a prompt by --length tokens. " + note)

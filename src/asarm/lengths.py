@@ -261,3 +261,56 @@ def _hole_by_hole(model, segments, holes, priors, temperature, greedy, factoriza
 def _prior_median(prior, candidates) -> int:
     w = normalize_prior(prior, candidates).cumsum(0)
     return int(torch.searchsorted(w, torch.tensor([0.5], dtype=torch.float64)))
+
+
+# --- a length prior measured on text like the user's -----------------------------------------------
+UNITS = ("line", "sentence", "paragraph")
+_SENTENCE_END = r"(?<=[.!?])[\"')\]]*\s+"
+
+
+def text_units(text: str, unit: str) -> list[str]:
+    """The pieces of ``text`` a hole of that kind would hold, written as a hole holds them:
+    "line": every non-blank line with its newline (a code line with its indentation);
+    "sentence": every sentence with a leading space (the space before a hole goes into it);
+    "paragraph": every block between blank lines, with a leading space."""
+    import re
+
+    if unit == "line":
+        return [line + "\n" for line in text.split("\n") if line.strip()]
+    if unit == "sentence":
+        return [" " + s.strip() for block in re.split(r"\n\s*\n", text)
+                for s in re.split(_SENTENCE_END, " ".join(block.split())) if s.strip()]
+    if unit == "paragraph":
+        return [" " + " ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]
+    raise InputError(f"unknown unit {unit!r}: use one of {', '.join(UNITS)}")
+
+
+def length_counts(tokenizer, pieces: Sequence[str], max_length: int) -> tuple[list[int], int]:
+    """(counts of token lengths 1..max_length, how many pieces were longer) with ``tokenizer``."""
+    from .tokenization import encode
+
+    if max_length < 1:
+        raise InputError(f"max_length must be >= 1, got {max_length}")
+    counts, longer = [0] * max_length, 0
+    for piece in pieces:
+        n = len(encode(tokenizer, piece))
+        if n > max_length:
+            longer += 1
+        elif n >= 1:
+            counts[n - 1] += 1
+    return counts, longer
+
+
+def length_prior_from_text(tokenizer, texts: Sequence[str], unit: str = "sentence",
+                           max_length: int = DEFAULT_MAX_HOLE, smoothing: float = 1.0) -> list[float]:
+    """A prior over hole lengths 1..max_length (``infill(length_prior=...)``, ``--length-prior``):
+    the token-length histogram of ``texts``' units, plus ``smoothing`` per length, normalised.
+    With our small models this prior carries nearly all the information about a hole's length
+    (results/hole-length), so measure it on text like the text being filled."""
+    if smoothing < 0:
+        raise InputError(f"smoothing must be >= 0, got {smoothing}")
+    counts, _ = length_counts(tokenizer, [p for t in texts for p in text_units(t, unit)], max_length)
+    total = sum(counts) + smoothing * max_length
+    if total <= 0:
+        raise InputError(f"no {unit} of 1 to {max_length} tokens in the text, and no smoothing")
+    return [(c + smoothing) / total for c in counts]

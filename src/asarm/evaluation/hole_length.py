@@ -72,9 +72,8 @@ def example_pieces(task) -> list[tuple[list[int], list[int], list[int], dict]]:
 
 def learned_prior_counts(task, max_len: int) -> tuple[list[int], str]:
     """Histogram (index n-1 = length n) of lengths from data disjoint from the test answers."""
-    from ..tokenization import encode
+    from ..lengths import length_counts, text_units
 
-    counts = [0] * max_len
     if task.name == "rocstories":
         from .rocstories import read_stories
 
@@ -84,13 +83,9 @@ def learned_prior_counts(task, max_len: int) -> tuple[list[int], str]:
     else:
         from ..data import read_documents
 
-        texts = [line + "\n" for doc in read_documents("python-stdlib", kind="code")
-                 for line in doc.split("\n") if line.strip()]
+        texts = [line for doc in read_documents("python-stdlib", kind="code") for line in text_units(doc, "line")]
         source = f"python-stdlib (the code model's training data): {len(texts)} non-blank lines"
-    for t in texts:
-        n = len(encode(task.tokenizer, t))
-        if 1 <= n <= max_len:
-            counts[n - 1] += 1
+    counts, _ = length_counts(task.tokenizer, texts, max_len)
     return counts, source
 
 
