@@ -376,3 +376,22 @@ def test_bench_serve_is_the_load_test(server, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["setup"]["command"].startswith(f"asarm bench serve --url {server[0]} --clients 1")
     assert data["summary"][0]["clients"] == 1 and data["summary"][0]["errors"] == 0
+
+
+def test_length_prior_in_requests(server):
+    """length_prior (weights of lengths 1, 2, ..., as `asarm length-prior` writes them) goes to the
+    length posterior of [MASK] holes and of a suffix's middle; bad priors are a 400."""
+    url = server[0]
+    r = httpx.post(url + "/v1/infill", json={"text": "The [MASK] sat on the mat.", "temperature": 0,
+                                             "length_prior": [0, 0, 1]}, timeout=60)
+    assert r.status_code == 200, r.text
+    hole = r.json()["choices"][0]["holes"][0]
+    assert hole["length"] == 3 and abs(hole["probability"] - 1.0) < 1e-9  # the only length with weight
+    body = httpx.post(url + "/v1/completions", json={"prompt": "The cat sat on the ", "suffix": " and sat.",
+                                                      "max_tokens": 8, "seed": 3, "length_prior": [0, 1, 0, 0, 1]},
+                      timeout=60).json()
+    assert body["choices"][0]["asarm"]["holes"][0]["length"] in (2, 5)
+    for bad, where in [([-1.0], "length_prior"), ([], "length_prior"), (["1"], "length_prior"),
+                       ([0.0, 0.0], "prior")]:
+        r = httpx.post(url + "/v1/infill", json={"text": "The [MASK:1-2] sat.", "length_prior": bad}, timeout=60)
+        assert r.status_code == 400 and where in r.text, (bad, r.status_code, r.text)

@@ -81,7 +81,8 @@ def make_prepare(model, markup, config, body, seeds: list[int]):
     """The job's engine-thread half: choose hole lengths per choice, lay out each row."""
 
     def prepare():
-        layouts = plan_layouts(model, markup, seeds, greedy=config.greedy, temperature=config.temperature)
+        layouts = plan_layouts(model, markup, seeds, greedy=config.greedy, temperature=config.temperature,
+                               length_prior=body.length_prior)
         rows = [RowSpec(lay.input_ids, lay.masked, config, seed=s, order=body.order,
                         return_logprobs=bool(getattr(body, "logprobs", False)))
                 for lay, s in zip(layouts, seeds)]

@@ -41,11 +41,13 @@ def completion_markup(model, tokenizer, body, max_length: int) -> Markup:
                        max_length=max_length)
 
 
-def plan_layouts(model, markup: Markup, seeds: list[int], *, greedy: bool, temperature: float) -> list[Layout]:
-    """One layout per choice: its holes' lengths drawn from the posterior with the choice's seed."""
+def plan_layouts(model, markup: Markup, seeds: list[int], *, greedy: bool, temperature: float,
+                 length_prior=None) -> list[Layout]:
+    """One layout per choice: its holes' lengths drawn from the posterior with the choice's seed
+    (``length_prior``: weights of lengths 1, 2, ...; None is uniform)."""
     layouts = []
     for seed in seeds:
-        plan = choose_plan(model, markup, greedy=greedy, temperature=temperature, seed=seed)
+        plan = choose_plan(model, markup, length_prior=length_prior, greedy=greedy, temperature=temperature, seed=seed)
         holes = [{"start": start, "length": end - start,
                   "probability": None if c.method == "given" else c.probability}
                  for (start, end), c in zip(hole_spans(plan, markup), plan.lengths)]

@@ -3,7 +3,7 @@ every number bounded, so bad input is a 400 with the field named, before anythin
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +32,9 @@ class Sampler(BaseModel):
     allow_special: bool = False  # let holes contain <unk>, <s>, padding, ... (excluded by default)
     order: Literal["left-to-right", "random"] = "left-to-right"
     max_hole: int = Field(32, ge=1, le=4096, description="longest length tried for [MASK] / a suffix")
+    length_prior: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, max_length=4096,
+        description="weights of hole lengths 1, 2, ... for [MASK] / a suffix (e.g. `asarm length-prior`); default uniform")
 
     def decode_options(self) -> dict:
         greedy = self.greedy or self.temperature == 0.0
