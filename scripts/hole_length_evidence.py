@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from asarm.evaluation.common import RECORD_GLOB, read_records  # noqa: E402
-from asarm.evaluation.hole_length import FACTORIZATIONS, smoothed  # noqa: E402
+from asarm.lengths import FACTORIZATIONS, prior_from_counts  # noqa: E402
 
 
 def evidence(recs: list[dict], fact: str) -> torch.Tensor:
@@ -70,7 +70,7 @@ def analyse(folder: Path) -> dict:
     by_index = {int(r["index"]): r for r in read_records(sorted(folder.glob(RECORD_GLOB)))}
     recs = [by_index[i] for i in sorted(by_index)]
     true_len = torch.tensor([r["true_length"] for r in recs])
-    prior = torch.tensor(smoothed(json.loads((folder / "prior.json").read_text())["counts"]), dtype=torch.float64)
+    prior = torch.tensor(prior_from_counts(json.loads((folder / "prior.json").read_text())["counts"]), dtype=torch.float64)
     fixed = round(float(true_len.double().mean()))
     out = {"folder": str(folder), "examples": len(recs), "uniform_p_true": 1 / len(prior),
            "fixed_length": fixed, "fixed_mae": float((true_len - fixed).abs().double().mean()),

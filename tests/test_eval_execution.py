@@ -313,7 +313,7 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatc
     from asarm.errors import SandboxError
     from asarm.evaluation.execution import ExecResult
 
-    monkeypatch.setattr(he, "run_programs", lambda sources, **kw: [ExecResult("error", "no sandbox", 0.0)] * len(sources))
+    monkeypatch.setattr(he, "run_program", lambda source, **kw: ExecResult("error", "no sandbox", 0.0))
     task = he.HumanEvalInfillingTask.__new__(he.HumanEvalInfillingTask)
     task.timeout, task.memory_mb, task._sandbox_checked = 3.0, 1024, False
     with pytest.raises(SandboxError, match="cannot run HumanEval programs.*no sandbox"):

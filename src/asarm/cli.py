@@ -162,16 +162,15 @@ def cmd_infill(args) -> int:
 def cmd_length_prior(args) -> int:
     """Measure a length prior for [MASK] holes on text like the user's (the prior carries nearly all
     the length information with our small models: results/hole-length)."""
-    from .lengths import length_counts, length_prior_from_text, text_units
+    from .lengths import length_counts, prior_from_counts, text_units
 
     texts = [read_text(argparse.Namespace(file=None if path == "-" else path, text=path)) for path in args.files]
     tokenizer = getattr(load_cli_model(args), "tokenizer", None)
     if tokenizer is None:
         raise InputError(f"{args.model}: this model has no tokenizer files")
-    prior = length_prior_from_text(tokenizer, texts, unit=args.unit, max_length=args.max_hole,
-                                   smoothing=args.smoothing)
     pieces = [u for t in texts for u in text_units(t, args.unit)]
-    counts, longer = length_counts(tokenizer, pieces, args.max_hole)
+    counts, longer = length_counts(tokenizer, pieces, args.max_hole)  # counted once: the prior and the summary
+    prior = prior_from_counts(counts, args.smoothing, what=f"{args.unit} of 1 to {args.max_hole} tokens")
     out = json.dumps([round(w, 8) for w in prior]) + "\n"
     if args.out:
         Path(args.out).write_text(out)

@@ -307,10 +307,15 @@ def length_prior_from_text(tokenizer, texts: Sequence[str], unit: str = "sentenc
     the token-length histogram of ``texts``' units, plus ``smoothing`` per length, normalised.
     With our small models this prior carries nearly all the information about a hole's length
     (results/hole-length), so measure it on text like the text being filled."""
+    counts, _ = length_counts(tokenizer, [p for t in texts for p in text_units(t, unit)], max_length)
+    return prior_from_counts(counts, smoothing, what=f"{unit} of 1 to {max_length} tokens")
+
+
+def prior_from_counts(counts: Sequence[int], smoothing: float = 1.0, what: str = "length") -> list[float]:
+    """Counts of lengths 1..len(counts) -> prior weights: (count + smoothing), normalised."""
     if smoothing < 0:
         raise InputError(f"smoothing must be >= 0, got {smoothing}")
-    counts, _ = length_counts(tokenizer, [p for t in texts for p in text_units(t, unit)], max_length)
-    total = sum(counts) + smoothing * max_length
+    total = sum(counts) + smoothing * len(counts)
     if total <= 0:
-        raise InputError(f"no {unit} of 1 to {max_length} tokens in the text, and no smoothing")
+        raise InputError(f"no {what} in the text, and no smoothing")
     return [(c + smoothing) / total for c in counts]

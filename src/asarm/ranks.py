@@ -74,7 +74,7 @@ def training_ranks(batch: int, length: int, hidden_fraction: torch.Tensor, gener
     ``random_order``: False (every row left to right), True (every row in a uniformly random
     order) or a probability p in [0, 1]: each row independently takes a random order with
     probability p (a mixture of orders; 0 and 1 draw exactly what False and True draw)."""
-    p = _random_order_probability(random_order)
+    p = random_order_probability(random_order)
     fraction = torch.as_tensor(hidden_fraction, dtype=torch.float64).reshape(-1).cpu()
     if fraction.numel() != batch:
         raise InputError(f"hidden_fraction needs {batch} values, got {fraction.numel()}")
@@ -93,7 +93,8 @@ def training_ranks(batch: int, length: int, hidden_fraction: torch.Tensor, gener
     return torch.where(masked, rank, torch.zeros_like(rank))
 
 
-def _random_order_probability(random_order: bool | float) -> float:
+def random_order_probability(random_order: bool | float) -> float:
+    """``random_order`` as the probability of a random order per row (checked)."""
     if isinstance(random_order, bool):
         return float(random_order)
     if not isinstance(random_order, (int, float)) or not 0 <= random_order <= 1:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..lengths import FACTORIZATIONS, evidence_log_likelihoods
+from ..lengths import FACTORIZATIONS, evidence_log_likelihoods, prior_from_counts
 from .common import RECORD_GLOB, Example, RecordWriter, batch_seed, fit_infill, pad_batch, read_records, records_path
 
 PRIORS = ("uniform", "learned")
@@ -87,11 +87,6 @@ def learned_prior_counts(task, max_len: int) -> tuple[list[int], str]:
         source = f"python-stdlib (the code model's training data): {len(texts)} non-blank lines"
     counts, _ = length_counts(task.tokenizer, texts, max_len)
     return counts, source
-
-
-def smoothed(counts: list[int]) -> list[float]:
-    total = sum(counts) + len(counts)
-    return [(c + 1) / total for c in counts]
 
 
 # --- one example -------------------------------------------------------------------------------------
@@ -155,7 +150,7 @@ def run(task, model, *, out_dir, limit=None, seed=0, progress=True, model_name=N
         counts, source = learned_prior_counts(task, max_len)
         prior_info = {"counts": counts, "source": source, "smoothing": "add-one", "max_length": max_len}
         _write_atomically(prior_path, json.dumps(prior_info) + "\n")  # shards side by side may both write it
-    prior = smoothed(prior_info["counts"])
+    prior = prior_from_counts(prior_info["counts"])  # add-one smoothing
     fixed = round(sum(len(x[1]) for x in pieces) / len(pieces))  # over all examples, whichever the shard
     prior_mode = max(range(max_len), key=lambda i: prior[i]) + 1
     meta = {"task": task.name, "settings": task.settings(), "model": model_name, "seed": seed, "examples": len(pieces),

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from .common import RECORD_GLOB, mean_ci, proportion_ci, read_records
-from .hole_length import PRIORS, mode_names, posterior, smoothed
+from ..lengths import prior_from_counts
+from .hole_length import PRIORS, mode_names, posterior
 
 METRICS = {"rocstories": ("rouge1", "rouge2", "rougeL"), "humaneval-infilling": ("passed",)}
 
@@ -69,7 +70,7 @@ def table(summary: dict) -> str:
 def write_report(out_dir) -> dict:
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / "meta.json").read_text())
-    prior = smoothed(json.loads((out_dir / "prior.json").read_text())["counts"])
+    prior = prior_from_counts(json.loads((out_dir / "prior.json").read_text())["counts"])
     by_index = {int(r["index"]): r for r in read_records(sorted(out_dir.glob(RECORD_GLOB)))}  # every shard's
     records = [by_index[i] for i in sorted(by_index)]
     summary = summarize(records, meta, prior)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import InputError, SandboxError
 from .common import Example, find_shared_data, fit_infill
-from .execution import humaneval_program, run_programs
+from .execution import humaneval_program, run_program, run_programs
 
 VARIANTS = {
     "single-line": "HumanEval-SingleLineInfilling.jsonl.gz",
@@ -91,8 +91,8 @@ class HumanEvalInfillingTask:
     def check_sandbox(self, problem: dict) -> None:
         """Run one canonical solution before anything is scored: where the sandbox cannot run
         programs, every completion would silently count as a failure (pass@1 = 0)."""
-        r = run_programs([humaneval_program(problem, problem["canonical_solution"])], workers=1,
-                         timeout=max(self.timeout, 10.0), memory_mb=self.memory_mb)[0]
+        r = run_program(humaneval_program(problem, problem["canonical_solution"]), timeout=max(self.timeout, 10.0),
+                        memory_mb=self.memory_mb)
         if not r.passed:
             raise SandboxError(f"the sandbox cannot run HumanEval programs on this machine: {problem['task_id']}'s "
                                f"canonical solution gave {r.status!r} ({r.detail.strip()[-300:] or 'no detail'})")

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import ASARMConfig
 from ..errors import InputError
+from ..ranks import random_order_probability
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -99,9 +100,10 @@ class TrainConfig:
         if self.max_shard_mb is not None and (not isinstance(self.max_shard_mb, (int, float))
                                               or isinstance(self.max_shard_mb, bool) or self.max_shard_mb <= 0):
             problems.append(f"max_shard_mb must be a positive number or null, got {self.max_shard_mb!r}")
-        ro = self.random_order
-        if not (isinstance(ro, bool) or (isinstance(ro, (int, float)) and 0 <= ro <= 1)):
-            problems.append(f"random_order must be true, false or a probability in [0, 1], got {ro!r}")
+        try:
+            random_order_probability(self.random_order)
+        except InputError as exc:
+            problems.append(str(exc))
         if not isinstance(self.mixed_precision, bool):
             problems.append(f"mixed_precision must be true or false, got {self.mixed_precision!r}")
         eml = self.export_max_length
