@@ -103,15 +103,17 @@ def test_save_load_round_trip(tmp_path):
     assert stored["transformer.layer.0.rel_attn.q.int8"].dtype == torch.int8
     assert stored["transformer.layer.0.ff.layer_1.scale"].dtype == torch.float32
     assert "lm_loss.int8" not in stored  # tied to the embedding, stored once
-    loaded = load_model(tmp_path / "q", device="cpu", dtype="fp32")
+    loaded = load_model(tmp_path / "q", device="cpu", dtype="fp32", fast_path=False)
     assert quant.is_quantized(loaded)
     assert torch.equal(logits(loaded), logits(model))
+    # the fast pass multiplies by the dequantized weights: the same function to float rounding
+    assert (logits(loaded.use_fast_path()) - logits(model)).abs().max() <= FP32_TOLERANCE
     assert load_model(tmp_path / "q", device="cpu").dtype == torch.bfloat16  # int8 default on CPU
 
 
 def test_load_with_quantize_equals_quantizing(tmp_path, model):
     save_model(model, tmp_path / "f")
-    loaded = load_model(tmp_path / "f", device="cpu", dtype="fp32", quantize="int8")
+    loaded = load_model(tmp_path / "f", device="cpu", dtype="fp32", quantize="int8", fast_path=False)
     assert torch.equal(logits(loaded), logits(quant.quantize_model(copy.deepcopy(model), "int8")))
     assert quant.bytes_per_pass(loaded) < quant.bytes_per_pass(model) / 2
 
