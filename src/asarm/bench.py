@@ -247,7 +247,10 @@ def read_text_file(path: str) -> str:
         raise InputError(f"cannot read {path}: {exc}") from None
 
 
-def load_bench_model(name: str | None, device, dtype, seed: int, quantize: str | None = None):
+def load_bench_model(name: str | None, device, dtype, seed: int, quantize: str | None = None,
+                     fast_path: bool | None = None):
+    """A shipped/local/hub model, or ``random-base``: XLNet-base-sized random weights (``seed``).
+    ``fast_path``: as ``load_model`` (None: on for CPUs)."""
     if name in (None, "random-base"):
         torch.manual_seed(seed)
         model = ASARM(ASARMConfig(**XLNET_BASE)).eval()
@@ -257,15 +260,21 @@ def load_bench_model(name: str | None, device, dtype, seed: int, quantize: str |
 
             model = quantize_model(model, quantize)
         default = torch.bfloat16 if quantize is not None else torch.float32  # int8 runs bf16 activations
-        return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or default)
+        model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or default)
+        return model.use_fast_path(model.device.type == "cpu" if fast_path is None else fast_path)
     from .checkpoint import load_model
 
-    return load_model(name, device=device, dtype=dtype, quantize=quantize)
+    return load_model(name, device=device, dtype=dtype, quantize=quantize, fast_path=fast_path)
 
 
 @torch.no_grad()
 def cmd_bench(args) -> int:
     from .quantize import copy_bandwidth, floor_columns
+
+    if args.suite == "pass":
+        from . import bench_pass
+
+        return bench_pass.run(args)
 
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = args.settings.split(",")
@@ -276,7 +285,8 @@ def cmd_bench(args) -> int:
     bandwidth = copy_bandwidth()  # the floor's denominator, measured in this run
     records = []
     for quantize in quantizations:
-        model = load_bench_model(args.model, args.device, args.dtype, args.seed, quantize)
+        model = load_bench_model(args.model, args.device, args.dtype, args.seed, quantize,
+                                 fast_path=False if args.no_fast_path else None)
         corpus = None
         if args.text_file:
             from .tokenization import encode
@@ -316,8 +326,17 @@ def add_cli(sub) -> None:
     p.add_argument("--lengths", default="128,256,512,1024")
     p.add_argument("--settings", default="95%,50%-spans", help="95%% (paper) and/or 50%%-spans")
     p.add_argument("--batch-sizes", default="8,32", help="batched cached ASSD sizes ('' for none)")
-    p.add_argument("--suite", default="cache", choices=["cache", "speedups"],
-                   help="cache: full recompute vs cache vs batches; speedups: plain ASSD vs bonus/one-pass/adaptive k")
+    p.add_argument("--suite", default="cache", choices=["cache", "speedups", "pass"],
+                   help="cache: full recompute vs cache vs batches; speedups: plain ASSD vs bonus/one-pass/adaptive k; "
+                        "pass: ms per cached pass against its rows and every sampler's tokens/s, per build "
+                        "(eager/fast, fp32/bf16/int8; --model takes a comma-separated list there)")
+    p.add_argument("--builds", default="all",
+                   help="--suite pass: comma-separated builds to compare, from eager/fast x fp32/bf16/int8, "
+                        "e.g. 'fast bf16,fast int8' (default all; eager fp32, the reference, is always included)")
+    p.add_argument("--thread-counts", dest="threads_axis", default="1,2", help="--suite pass: torch thread counts")
+    p.add_argument("--rounds", type=int, default=5, help="--suite pass: rounds of passes per build")
+    p.add_argument("--seeds", type=int, default=3, help="--suite pass: seeded runs per sampler (shipped models)")
+    p.add_argument("--no-fast-path", action="store_true", help="run the eager pass (default: the fast pass on CPUs)")
     p.add_argument("--only", default=None, help="comma-separated substrings of configuration names to run")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--text-file", default=None, help="take visible tokens from this text (.txt or .gz) "

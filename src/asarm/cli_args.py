@@ -39,6 +39,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     p.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
                    help="weight-only quantization at load time (int8: per-output-channel scales)")
+    p.add_argument("--no-fast-path", action="store_true", help="run the eager network pass instead of the fast "
+                   "pass (prepacked weights; the default on CPUs, same logits to float rounding)")
     add_threads_argument(p)
 
 
@@ -99,7 +101,8 @@ def load_cli_model(args):
     if args.revision is not None:
         check_revision(name, args.revision)
     return load_model(name, revision=args.revision, device=args.device, dtype=args.dtype,
-                      quantize=getattr(args, "quantize", None))
+                      quantize=getattr(args, "quantize", None),
+                      fast_path=False if getattr(args, "no_fast_path", False) else None)
 
 
 def check_revision(name: str, revision: str) -> None:
