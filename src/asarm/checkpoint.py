@@ -54,7 +54,8 @@ def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=N
 
     ``mask_token_id`` defaults to the tokenizer's mask token when the checkpoint has tokenizer
     files, else config.json's ``asarm_mask_token_id``, else 6 (XLNet's ``<mask>``). ``dtype``:
-    the activations' dtype, a torch dtype or "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"; None
+    the activations' dtype, a torch dtype or "fp32"/"float32"/"bf16"/"bfloat16"/"fp16", or "auto"
+    (``devices.fastest_dtype``: bf16 on a CPU with native bf16, else fp32); None
     means fp32 (16-bit checkpoints are upcast), or bf16 on CPU for an int8 model.
     ``quantize``: None or "int8" (weight-only int8 per output channel; an int8 checkpoint loads
     as int8 without it). ``device``: None means CUDA when available, else CPU. ``fast_path``:

@@ -36,7 +36,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="hub revision, e.g. nlp or code for therealgabeguo/ASARM "
                    "(hub ids only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "auto"],
+                   help="weights dtype (default fp32; auto: bf16 on a CPU with native bf16, else fp32)")
     p.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
                    help="weight-only quantization at load time (int8: per-output-channel scales)")
     p.add_argument("--no-fast-path", action="store_true", help="run the eager network pass instead of the fast "

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from .devices import native_bf16_cpu
 from .ranks import NO_KEY
 
 # Activations oneDNN applies as a post-op of the matmul: our name -> (attr, algorithm).
@@ -49,10 +50,7 @@ _ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "
 def onednn_bf16_available() -> bool:
     """True where oneDNN runs bf16 matmuls natively (AVX-512 BF16 / AMX), so bf16 packed weights
     are fast. Elsewhere bf16 would be emulated: the fast pass then uses ``addmm``."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
+    return native_bf16_cpu()
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype) -> str:

@@ -439,8 +439,8 @@ class ASARM(nn.Module):
         from .devices import resolve_device, resolve_dtype
         from .tokenization import load_tokenizer, mask_token_id as tokenizer_mask_id
 
-        dtype, quantize = resolve_dtype(dtype), quant.check_method(quantize)
         device = resolve_device(device)
+        dtype, quantize = resolve_dtype(dtype, device), quant.check_method(quantize)
         directory = storage.resolve(name_or_path, revision)
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json found (not an HF XLNet-format checkpoint directory)")
