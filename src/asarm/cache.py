@@ -33,7 +33,7 @@ class ContentCache:
         self.key_rank = torch.full((batch_size, capacity), NO_KEY, dtype=torch.long, device=model.device)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.capacity = capacity
-        self._slots = None
+        self._slots = self._rows = None
         self._span = 0
 
     @property
@@ -51,15 +51,14 @@ class ContentCache:
         self._span = int((self.length.max() + N).item())
         if self._span > self.capacity:
             raise RuntimeError(f"content cache overflow ({self._span} > {self.capacity} slots)")
-        rows = torch.arange(B, device=self.length.device)[:, None]
-        self.key_pos[rows, self._slots] = content_pos.long()
-        self.key_rank[rows, self._slots] = content_rank.long()
+        self._rows = torch.arange(B, device=self.length.device)[:, None]  # the same for every layer
+        self.key_pos[self._rows, self._slots] = content_pos.long()
+        self.key_rank[self._rows, self._slots] = content_rank.long()
         return self.key_pos[:, : self._span], self.key_rank[:, : self._span]
 
     def write_layer(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        rows = torch.arange(k_new.shape[0], device=k_new.device)[:, None]
-        self.keys[layer][rows, self._slots] = k_new
-        self.values[layer][rows, self._slots] = v_new
+        self.keys[layer][self._rows, self._slots] = k_new
+        self.values[layer][self._rows, self._slots] = v_new
         return self.keys[layer][:, : self._span], self.values[layer][:, : self._span]
 
     def commit(self, kept: torch.Tensor) -> None:

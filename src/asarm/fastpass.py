@@ -117,7 +117,8 @@ class FastLayer:
         self.ff_in = PackedLinear(_weight(ff.layer_1, dtype), ff.layer_1.bias.to(dtype), kernel,
                                   (activation_name, ff.activation))
         self.ff_out = PackedLinear(_weight(ff.layer_2, dtype), ff.layer_2.bias.to(dtype), kernel, None)
-        self.attn_norm, self.ff_norm = attn.layer_norm, ff.layer_norm
+        self.attn_norm = (attn.layer_norm.weight.detach(), attn.layer_norm.bias.detach(), attn.layer_norm.eps)
+        self.ff_norm = (ff.layer_norm.weight.detach(), ff.layer_norm.bias.detach(), ff.layer_norm.eps)
         self.r_w_bias = attn.r_w_bias.detach()[:, None]  # [n, 1, dh]: broadcast over rows
         self.r_r_bias = attn.r_r_bias.detach()[:, None]
 
@@ -173,7 +174,10 @@ class FastPass:
         rel_index = (row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1))[:, None].expand(B, n, T, K)
 
         rows = _Rows(torch.cat([content_rank != NO_KEY, query_rank > 0], dim=1), N)
-        has_key = rows.pack(allowed.any(-1).reshape(B * T, 1).to(self.dtype))
+        has_key = allowed.any(-1)
+        # Rows that see no key at all (the first query when nothing is visible) get a zero
+        # attention output (see model.py); most passes have none, and skip the multiply.
+        keyless = None if bool(has_key.all()) else rows.pack(has_key.reshape(B * T, 1).to(self.dtype))
         x = torch.cat([model.transformer.word_embedding(content_ids).to(self.dtype),
                        model.transformer.mask_emb.expand(B, Q, -1)], dim=1)
         x = rows.pack(x.reshape(B * T, -1))  # [R, d]: real rows only, for the whole pass
@@ -192,18 +196,16 @@ class FastPass:
                 pos_scores = torch.matmul(q[0] + layer.r_r_bias, rel_table[i])[None]
             else:
                 pos_scores = torch.einsum("bntd,ndr->bntr", q + layer.r_r_bias, rel_table[i])
-            bias = torch.addcmul(additive_mask, pos_scores.gather(-1, rel_index), _scalar(self.scale, pos_scores))
+            bias = torch.add(additive_mask, pos_scores.gather(-1, rel_index), alpha=self.scale)
             attn = F.scaled_dot_product_attention(q + layer.r_w_bias, keys.transpose(1, 2), values.transpose(1, 2),
                                                   attn_mask=bias, scale=self.scale)
-            attn = rows.pack(attn.transpose(1, 2).reshape(B * T, nd)) * has_key
-            x = layer.attn_norm(layer.o(attn, residual=x))
-            x = layer.ff_norm(layer.ff_out(layer.ff_in(x), residual=x))
+            attn = rows.pack(attn.transpose(1, 2).reshape(B * T, nd))
+            if keyless is not None:
+                attn = attn * keyless
+            x = F.layer_norm(layer.o(attn, residual=x), (x.shape[-1],), *layer.attn_norm)
+            x = F.layer_norm(layer.ff_out(layer.ff_in(x), residual=x), (x.shape[-1],), *layer.ff_norm)
         logits = self.head(rows.queries(x))
         return rows.unpack_queries(logits, B, Q)
-
-
-def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
 class _Rows:
