@@ -42,6 +42,7 @@ FACTORIZATIONS = ("right-given-left", "left-given-right")
 DEFAULT_MAX_HOLE = 32
 MAX_EXACT_CELLS = 4096  # beyond this many cells of the length grid: the hole-by-hole approximation
 ROWS_PER_PASS = 64
+MAX_HOLE_LIMIT = 4096  # longest hole length anyone may ask for (--max-hole): memory stays bounded
 
 
 @dataclasses.dataclass
@@ -355,20 +356,26 @@ def length_counts(tokenizer, pieces: Sequence[str], max_length: int) -> tuple[li
     return counts, longer
 
 
-def length_prior_from_text(tokenizer, texts: Sequence[str], unit: str = "sentence",
+def length_prior_from_text(model_or_tokenizer, texts: Sequence[str], unit: str = "sentence",
                            max_length: int = DEFAULT_MAX_HOLE, smoothing: float = 1.0) -> list[float]:
     """A prior over hole lengths 1..max_length (``infill(length_prior=...)``, ``--length-prior``):
     the token-length histogram of ``texts``' units, plus ``smoothing`` per length, normalised.
     With our small models this prior carries nearly all the information about a hole's length
-    (results/hole-length), so measure it on text like the text being filled."""
+    (results/hole-length), so measure it on text like the text being filled.
+    ``model_or_tokenizer``: the model (like the rest of the API; its tokenizer is used) or a tokenizer."""
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(max_length, int) or not 1 <= max_length <= MAX_HOLE_LIMIT:
+        raise InputError(f"max_length must be an integer from 1 to {MAX_HOLE_LIMIT}, got {max_length!r}")
     counts, _ = length_counts(tokenizer, [p for t in texts for p in text_units(t, unit)], max_length)
     return prior_from_counts(counts, smoothing, what=f"{unit} of 1 to {max_length} tokens")
 
 
 def prior_from_counts(counts: Sequence[int], smoothing: float = 1.0, what: str = "length") -> list[float]:
     """Counts of lengths 1..len(counts) -> prior weights: (count + smoothing), normalised."""
-    if smoothing < 0:
-        raise InputError(f"smoothing must be >= 0, got {smoothing}")
+    if not (math.isfinite(smoothing) and smoothing >= 0):
+        raise InputError(f"smoothing must be a finite number >= 0, got {smoothing}")
     total = sum(counts) + smoothing * len(counts)
     if total <= 0:
         raise InputError(f"no {what} in the text, and no smoothing")
