@@ -90,7 +90,7 @@ def test_score_command(checkpoint, capsys):
         (["infill", "x [MASK:3]", "-k", "0"], "k must be"),
         (["infill", "x [MASK:3]", "--temperature", "-1"], "--temperature must be > 0"),
         (["infill", "x [MASK:3]", "--temperature", "nan"], "--temperature must be > 0"),
-        (["infill", "x [MASK:3]", "--threads", "0"], "--threads must be >= 1"),
+        (["infill", "x [MASK:3]", "--threads", "0"], "--threads must be from 1 to 1024"),
         (["infill", "x [MASK:3]", "--revision", "nlp"], "--revision 'nlp' applies to hub ids"),
         (["score", "the [[mat]]", "--revision", "v1"], "--revision 'v1' applies to hub ids"),
         (["infill", "x [MASK:3]", "--order", "a,b"], "--order"),
@@ -198,7 +198,7 @@ def test_threads_option_and_environment(checkpoint, capsys, monkeypatch):
         assert code == 0 and torch.get_num_threads() == 1
         monkeypatch.setenv("ASARM_NUM_THREADS", "many")
         code, _, err = run(capsys, "infill", "A [MASK:2].", "--model", checkpoint)
-        assert code == 2 and "ASARM_NUM_THREADS must be an integer >= 1, got 'many'" in err
+        assert code == 2 and "ASARM_NUM_THREADS must be an integer from 1 to 1024, got 'many'" in err
         monkeypatch.delenv("ASARM_NUM_THREADS")
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
@@ -283,8 +283,8 @@ def test_lazy_subcommand_help_matches_the_real_parsers():
 
 @pytest.mark.parametrize("argv, message", [
     (["infill", "--threads", "100000", "x"], "--threads must be from 1 to 1024"),
-    (["infill", "--max-hole", "1000000000", "x"], "--max-hole must be from 1 to 4096"),
-    (["length-prior", "--max-hole", "1000000000", "x"], "--max-hole must be from 1 to 4096"),
+    (["infill", "--max-hole", "1000000000", "x"], "max_hole must be an integer >= 1 and <= 4096"),
+    (["length-prior", "--max-hole", "1000000000", "x"], "max_hole must be an integer >= 1 and <= 4096"),
     (["length-prior", "--smoothing", "nan", "x"], "--smoothing must be a finite number"),
     (["length-prior", "--out", "/tmp", "x"], "is a directory"),
 ])

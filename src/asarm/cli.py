@@ -367,11 +367,11 @@ def check_option_values(args) -> None:
 
     max_hole = getattr(args, "max_hole", None)
     if max_hole is not None and not 1 <= max_hole <= MAX_HOLE_LIMIT:
-        raise InputError(f"--max-hole must be from 1 to {MAX_HOLE_LIMIT}, got {max_hole}")
+        raise InputError(f"--max-hole: max_hole must be an integer >= 1 and <= {MAX_HOLE_LIMIT}, got {max_hole}")
     smoothing = getattr(args, "smoothing", None)
     if smoothing is not None and not (math.isfinite(smoothing) and smoothing >= 0):
         raise InputError(f"--smoothing must be a finite number >= 0, got {smoothing}")
-    out = getattr(args, "out", None)
+    out = getattr(args, "out", None) if args.command == "length-prior" else None  # (bench's --out is a folder)
     if isinstance(out, str) and os.path.isdir(out):
         raise InputError(f"--out {out} is a directory: give a file name")
     if hasattr(args, "threads") and args.command != "train":
