@@ -466,3 +466,17 @@ def test_header_shapes_without_loading(saved):
     torch.save({k: torch.zeros(v) for k, v in shapes.items()}, path / "pytorch_model.bin")
     (path / "model.safetensors").unlink()
     assert storage.header_shapes(path) == shapes
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors", ".."])
+def test_shard_paths_stay_in_the_model_directory(tmp_path, shard):
+    """A shard named ../../../../etc/passwd in model.safetensors.index.json was opened."""
+    import json
+
+    from asarm.errors import CheckpointError
+    from asarm.storage import _shard_paths
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(CheckpointError, match="not a file of the model directory"):
+        _shard_paths(index)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import asarm
 from asarm.checkpoint import save_model
 from asarm.cli import main
 from asarm.tokenization import train_tokenizer
@@ -89,7 +90,7 @@ def test_score_command(checkpoint, capsys):
         (["infill", "x [MASK:3]", "-k", "0"], "k must be"),
         (["infill", "x [MASK:3]", "--temperature", "-1"], "--temperature must be > 0"),
         (["infill", "x [MASK:3]", "--temperature", "nan"], "--temperature must be > 0"),
-        (["infill", "x [MASK:3]", "--threads", "0"], "--threads must be >= 1"),
+        (["infill", "x [MASK:3]", "--threads", "0"], "--threads must be from 1 to 1024"),
         (["infill", "x [MASK:3]", "--revision", "nlp"], "--revision 'nlp' applies to hub ids"),
         (["score", "the [[mat]]", "--revision", "v1"], "--revision 'v1' applies to hub ids"),
         (["infill", "x [MASK:3]", "--order", "a,b"], "--order"),
@@ -197,7 +198,7 @@ def test_threads_option_and_environment(checkpoint, capsys, monkeypatch):
         assert code == 0 and torch.get_num_threads() == 1
         monkeypatch.setenv("ASARM_NUM_THREADS", "many")
         code, _, err = run(capsys, "infill", "A [MASK:2].", "--model", checkpoint)
-        assert code == 2 and "ASARM_NUM_THREADS must be an integer >= 1, got 'many'" in err
+        assert code == 2 and "ASARM_NUM_THREADS must be an integer from 1 to 1024, got 'many'" in err
         monkeypatch.delenv("ASARM_NUM_THREADS")
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
@@ -276,3 +277,45 @@ def test_lazy_subcommand_help_matches_the_real_parsers():
 
     real, placeholders = helps(build_parser()), helps(build_parser(""))
     assert real == placeholders and set(LAZY_COMMANDS) <= set(real)
+
+
+# ---------------------------------------------------------------- reliability (issue 30)
+
+@pytest.mark.parametrize("argv, message", [
+    (["infill", "--threads", "100000", "x"], "--threads must be from 1 to 1024"),
+    (["infill", "--max-hole", "1000000000", "x"], "max_hole must be an integer >= 1 and <= 4096"),
+    (["length-prior", "--max-hole", "1000000000", "x"], "max_hole must be an integer >= 1 and <= 4096"),
+    (["length-prior", "--smoothing", "nan", "x"], "--smoothing must be a finite number"),
+    (["length-prior", "--out", "/tmp", "x"], "is a directory"),
+])
+def test_abusive_option_values_are_one_line_errors_before_torch(argv, message):
+    """--threads 100000 segfaulted; --max-hole 1e9 grew to 22 GB; --smoothing nan printed NaN
+    weights with exit 0: each is now one line, exit 2, and torch is never imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from asarm.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_deeply_nested_length_prior_is_one_line(tmp_path, capsys):
+    from asarm.cli import length_options
+
+    deep = tmp_path / "prior.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    import argparse
+
+    with pytest.raises(asarm.InputError, match="nested too deeply"):
+        length_options(argparse.Namespace(length_prior=str(deep)))
+
+
+def test_length_prior_from_text_takes_the_model_or_its_tokenizer():
+    model = asarm.load_model("asarm-en-small")
+    a = asarm.length_prior_from_text(model, ["The cat sat. The dog ran far away."], max_length=8)
+    b = asarm.length_prior_from_text(model.tokenizer, ["The cat sat. The dog ran far away."], max_length=8)
+    assert a == b and len(a) == 8
+    with pytest.raises(asarm.InputError, match="smoothing"):
+        asarm.length_prior_from_text(model, ["x"], smoothing=float("nan"))

@@ -96,7 +96,32 @@ RAW = "import sys\ndel sys.modules['posix']\nimport posix\nassert posix.fork is 
 ROUTES = {"guarded": "import posix\n", "raw": RAW}
 
 
+def readable_python() -> str | None:
+    """An interpreter an unprivileged uid can run (as root, the sandbox never runs a program as
+    root: without a mount namespace to expose an interpreter below /root it refuses)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from asarm.evaluation.sandbox_child import others_can_read
+
+    for python in (sys.executable, getattr(sys, "_base_executable", None), "/usr/bin/python3",
+                   "/usr/local/bin/python3", shutil.which("python3")):
+        if not python or not os.path.isfile(python):
+            continue
+        out = subprocess.run([python, "-I", "-c", "import sys; print('\\n'.join(p for p in sys.path if p))"],
+                             capture_output=True, text=True).stdout.split()
+        if out and all(others_can_read(p) for p in out if os.path.isdir(p)) and others_can_read(python):
+            return python
+    return None
+
+
 def run(source: str, mode: str, **options):
+    if mode != "full" and os.geteuid() == 0:
+        python = readable_python()
+        if python is None:
+            pytest.skip("as root without namespaces the sandbox needs a world-readable Python")
+        options.setdefault("python", python)
     return run_program(source, **MODES[mode], **options)
 
 
@@ -124,7 +149,7 @@ def outside(tmp_path):
 
 
 def needs_write_confinement(mode: str) -> None:
-    layers = sandbox_layers(**MODES[mode])
+    layers = run("pass\n", mode).layers
     if "mount-namespace" not in layers and "landlock" not in layers:
         pytest.skip("writes are confined only by a mount namespace or Landlock; this machine has neither")
 
@@ -270,7 +295,7 @@ def test_the_program_cannot_signal_the_harness(mode):
 
 
 def test_kill_timeout_and_verdict_layers_need_no_namespaces():
-    layers = sandbox_layers(namespaces=False, cgroups=False)
+    layers = frozenset(run("pass\n", "bare").layers)
     assert {"guard", "rlimits"} <= layers
     if os.uname().machine in ("x86_64", "aarch64"):
         assert {"seccomp", "no-fork"} <= layers
@@ -318,3 +343,161 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatc
     task.timeout, task.memory_mb, task._sandbox_checked = 3.0, 1024, False
     with pytest.raises(SandboxError, match="cannot run HumanEval programs.*no sandbox"):
         task.check_sandbox(problems("single-line", 1)[0])
+
+
+# ---------------------------------------------------------------- forged passes (issue 30)
+# Each program fails its assert, and each once ended the process with status 0 before reaching
+# it -- which counted as "passed". The verdict now needs a proof of completion the program cannot
+# produce (sandbox_runner.py), so every one of them, and the ways to steal that proof, fail.
+
+FORGED_PASSES = {
+    "stack walk to the wrapper's exit": """import sys
+f = sys._getframe()
+while f is not None:
+    for value in list(f.f_locals.values()) + list(f.f_globals.values()):
+        if callable(value) and getattr(value, '__name__', '') in ('_exit', 'exit_now', 'finish'):
+            value(0)
+    f = f.f_back
+assert False
+""",
+    "stack walk from an exception's __str__": """import sys
+class Sneaky(Exception):
+    def __str__(self):
+        f = sys._getframe()
+        while f is not None:
+            for value in f.f_locals.values():
+                if callable(value) and getattr(value, '__name__', '') in ('_exit', 'exit_now'):
+                    value(0)
+            f = f.f_back
+        return 'sneaky'
+raise Sneaky()
+""",
+    "stack walk from a replaced sys.stdout.flush": """import sys
+def flush():
+    f = sys._getframe()
+    while f is not None:
+        for value in f.f_locals.values():
+            if callable(value) and getattr(value, '__name__', '') in ('_exit', 'exit_now'):
+                value(0)
+        f = f.f_back
+sys.stdout.flush = flush
+assert False
+""",
+    "fresh posix module": "import sys\ndel sys.modules['posix']\nimport posix\nposix._exit(0)\nassert False\n",
+    "BuiltinImporter": """import importlib.machinery, importlib.util
+spec = importlib.machinery.BuiltinImporter.find_spec('posix')
+posix = importlib.util.module_from_spec(spec)
+posix._exit(0)
+assert False
+""",
+    "ctypes": "import sys\nsys.modules.pop('ctypes', None)\nsys.modules.pop('_ctypes', None)\n"
+              "import ctypes\nctypes.CDLL(None)._exit(0)\nassert False\n",
+    "early exit handlers": "import atexit, sys\ndel sys.modules['posix']\nimport posix\n"
+                           "atexit._run_exitfuncs()\nposix._exit(0)\nassert False\n",
+    "exit handlers from a thread": """import _thread, atexit, sys, time
+del sys.modules['posix']
+import posix
+_thread.start_new_thread(atexit._run_exitfuncs, ())
+time.sleep(0.5)
+posix._exit(0)
+""",
+    "a forked child ends normally": """import sys
+del sys.modules['posix']
+import posix
+pid = posix.fork()
+if pid:
+    posix.waitpid(pid, 0)
+    assert False
+""",
+    "garbage collector": """import gc, sys
+for obj in gc.get_objects():
+    pass
+""",
+    "trace hook": "import sys\nsys.settrace(lambda *a: None)\nassert False\n",
+    "signal handler": "import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\nassert False\n",
+    "process memory": "data = open('/proc/self/maps').read()\nassert False\n",
+    "fresh _ctypes through _imp": """import importlib.util, importlib.machinery, sys
+for path in sys.path:
+    finder = importlib.machinery.FileFinder(path, (importlib.machinery.ExtensionFileLoader,
+                                                   importlib.machinery.EXTENSION_SUFFIXES))
+    spec = finder.find_spec('_ctypes')
+    if spec:
+        module = importlib.util.module_from_spec(spec)
+        print('loaded', module)
+        break
+""",
+    "subinterpreter": "import _xxsubinterpreters\n_xxsubinterpreters.create()\n",
+    "hand-built code": "(lambda: 0).__code__.replace(co_consts=())\n",
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("attack", FORGED_PASSES)
+def test_a_failing_program_cannot_forge_a_pass(mode, attack):
+    r = run(FORGED_PASSES[attack], mode)
+    assert not r.passed and r.status == "failed", r
+
+
+def test_the_proof_needs_the_end_of_the_program_not_its_exit_status():
+    r = run_program("import os, sys\ndel sys.modules['posix']\nimport posix\nposix._exit(0)\n")
+    assert r.status == "failed" and "no proof of completion" in r.detail, r
+    # a program that registers its own exit handlers and threads still passes when it ends normally
+    ok = run_program("import atexit, threading\natexit.register(print, 'bye')\n"
+                     "t = threading.Thread(target=lambda: None)\nt.start()\nt.join()\n")
+    assert ok.passed, ok
+    assert "proof-of-completion" in ok.layers
+
+
+def test_clean_up_survives_deep_trees_and_never_follows_links(tmp_path):
+    """A 3,000-level tree once made the clean-up raise RecursionError (the run died, its work
+    directory stayed); its chmod followed a link to a file outside the sandbox."""
+    from asarm.evaluation.execution import _remove_tree
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    victim.chmod(0o600)
+    (tmp_path / "victim-dir").mkdir()
+    (tmp_path / "victim-dir" / "inside").write_text("keep")
+    work = tmp_path / "work"
+    work.mkdir()
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):  # deeper than PATH_MAX allows as one path
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.symlink(str(victim), "link", dir_fd=sub)
+        os.close(fd)
+        fd = sub
+    os.close(fd)
+    os.symlink(str(tmp_path / "victim-dir"), work / "dirlink")
+    (work / "locked").mkdir()
+    (work / "locked" / "f").write_text("x")
+    (work / "locked").chmod(0)
+    _remove_tree(str(work))
+    assert not work.exists()
+    assert victim.read_text() == "keep" and (victim.stat().st_mode & 0o777) == 0o600
+    assert (tmp_path / "victim-dir" / "inside").read_text() == "keep"
+
+
+def test_a_deep_tree_left_by_the_program_is_removed():
+    """Without a mount namespace the program writes to the real work directory: its 3,000-level
+    tree must not break the run (it raised RecursionError in the clean-up)."""
+    source = RAW + "for i in range(3000):\n    posix.mkdir('d')\n    posix.chdir('d')\n"
+    r = run(source, "no-ns", timeout=30)
+    assert r.passed, r
+
+
+def test_disk_quota_and_no_root():
+    layers = sandbox_layers()
+    if "mount-namespace" not in layers:
+        pytest.skip("the disk quota is a tmpfs in the sandbox's mount namespace")
+    # 20 files of 8 MB each: within the per-file limit, over the 64 MB quota
+    r = run_program("for i in range(20):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n",
+                    max_disk_mb=64, timeout=20)
+    assert r.status == "failed" and "No space left" in r.detail, r
+    if os.geteuid() == 0:
+        assert "unprivileged-uid" in layers
+        r = run_program("import os\nassert os.getuid() != 0 and os.geteuid() != 0\n"
+                        "try:\n    open('/etc/shadow').read()\nexcept OSError:\n    pass\n"
+                        "else:\n    raise AssertionError('read /etc/shadow')\n"
+                        "assert not os.path.exists('/root/.bash_history')\n")
+        assert r.passed, r

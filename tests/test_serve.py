@@ -395,3 +395,139 @@ def test_length_prior_in_requests(server):
                        ([0.0, 0.0], "prior")]:
         r = httpx.post(url + "/v1/infill", json={"text": "The [MASK:1-2] sat.", "length_prior": bad}, timeout=60)
         assert r.status_code == 400 and where in r.text, (bad, r.status_code, r.text)
+
+
+# ---------------------------------------------------------------- reliability (issue 30)
+
+def test_unclosed_spans_are_parsed_in_linear_time_off_the_event_loop(client):
+    """50,000 unclosed ``[[`` took 70 s on the event loop (/health waited as long)."""
+    from asarm.scoring import _find_spans
+
+    start = time.perf_counter()
+    with pytest.raises(asarm.InputError, match="unclosed"):
+        _find_spans("[[" * 200_000)
+    assert time.perf_counter() - start < 1.0
+    with cf.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/v1/score", json={"text": "[[" * 50_000})
+        time.sleep(0.05)
+        start = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        health = time.perf_counter() - start
+        r = slow.result()
+    assert r.status_code == 400 and "unclosed" in r.json()["error"]["message"]
+    assert health < 2.0
+
+
+def test_infinite_perplexity_is_null_not_a_500(client):
+    r = client.post("/v1/score", json={"text": "The cat [[sat on]] the mat.", "temperature": 0.001})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["perplexity"] is None or isinstance(body["perplexity"], float)
+
+
+def test_body_limits_at_the_transport(server):
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server[0])
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        # a declared length over the limit: 413 before a byte of the body is read
+        with socket.create_connection((url.hostname, url.port)) as s:
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 300000000\r\n\r\n")
+            s.settimeout(10)
+            assert b" 413 " in s.recv(4096).split(b"\r\n")[0] + b" "
+        # a chunked body (no length): counted as it streams
+        def chunks():
+            for _ in range(40):
+                yield b"x" * 50_000
+        r = c.post("/v1/score", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+
+def test_a_client_gone_while_sending_its_body_is_a_quiet_499(server, caplog):
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server[0])
+    for _ in range(3):
+        with socket.create_connection((url.hostname, url.port)) as s:
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"text\": ")
+        time.sleep(0.1)
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        metrics = c.get("/metrics").text
+    assert 'endpoint="/v1/score",status="500"' not in metrics
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "ClientDisconnect" in str(r.exc_info)]
+
+
+def test_hole_length_planning_is_off_the_engine_once_per_request_and_bounded(server, monkeypatch):
+    """Two holes of up to 64 tokens (4,096 exact cells) took 66 s on the engine thread, once
+    per choice; a 4-token completion waited as long."""
+    from asarm import lengths
+
+    calls = []
+    real = lengths.evidence_log_likelihoods
+
+    def counted(model, segments, cells, **kw):
+        calls.append(len(cells))
+        return real(model, segments, cells, **kw)
+
+    monkeypatch.setattr(lengths, "evidence_log_likelihoods", counted)
+    with httpx.Client(base_url=server[0], timeout=120) as c, cf.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(c.post, "/v1/infill", json={"text": "The [MASK] and the [MASK] end.", "max_hole": 64,
+                                                       "seed": 1, "n": 3})
+        time.sleep(0.2)
+        start = time.perf_counter()
+        quick = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "seed": 0})
+        quick_s = time.perf_counter() - start
+        r = slow.result()
+    assert quick.status_code == 200 and r.status_code == 200, r.text
+    # capped: hole by hole (64 + 64 rows), computed once for the three choices' shared posterior
+    assert max(calls) <= 64 and sum(calls) <= 3 * 128, calls
+    assert quick_s < 30
+
+
+def test_planning_stops_at_the_request_timeout():
+    from asarm.lengths import PlanningTimeout, length_posterior, planning_budget
+
+    model = shipped_model()
+    with planning_budget(deadline=time.monotonic() - 1):
+        with pytest.raises(PlanningTimeout):
+            length_posterior(model, [5, 6, 7], [8, 9], lengths=range(1, 20))
+
+
+def test_ten_masks_in_a_short_text_fit():
+    """The hole-by-hole approximation parked later holes at their median length and refused."""
+    model = shipped_model()
+    text = "A " + " ".join(["[MASK]"] * 10) + " end."
+    out = asarm.infill(model, text, seed=0, max_hole=32)
+    assert isinstance(out, str) and out.endswith("end.")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--api-key", ""], "API key is empty"),
+    (["--request-timeout", "nan"], "--request-timeout"),
+    (["--grace", "inf"], "--grace"),
+    (["--port", "70000"], "--port must be between 1 and 65535"),
+])
+def test_serve_option_values_are_one_line_errors(argv, message, capsys):
+    from asarm.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_busy_port_is_one_line_exit_2(capsys):
+    import socket
+
+    from asarm.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1

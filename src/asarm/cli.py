@@ -111,8 +111,9 @@ def length_options(args) -> dict:
         try:
             with open(args.length_prior, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the length prior {args.length_prior}: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+            raise InputError(f"cannot read the length prior {args.length_prior}: "
+                             f"{'nested too deeply' if isinstance(exc, RecursionError) else exc}") from None
         if isinstance(raw, dict):
             try:
                 prior = {int(k): float(v) for k, v in raw.items()}
@@ -357,12 +358,33 @@ def command_name(argv: list[str]) -> str:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
+MAX_HOLE_LIMIT = 4096  # as asarm.lengths.MAX_HOLE_LIMIT (not imported: that module loads torch)
+
+
+def check_option_values(args) -> None:
+    """Option values every command shares, checked before torch or a model loads (about 0.1 s)."""
+    import math
+
+    max_hole = getattr(args, "max_hole", None)
+    if max_hole is not None and not 1 <= max_hole <= MAX_HOLE_LIMIT:
+        raise InputError(f"--max-hole: max_hole must be an integer >= 1 and <= {MAX_HOLE_LIMIT}, got {max_hole}")
+    smoothing = getattr(args, "smoothing", None)
+    if smoothing is not None and not (math.isfinite(smoothing) and smoothing >= 0):
+        raise InputError(f"--smoothing must be a finite number >= 0, got {smoothing}")
+    out = getattr(args, "out", None) if args.command == "length-prior" else None  # (bench's --out is a folder)
+    if isinstance(out, str) and os.path.isdir(out):
+        raise InputError(f"--out {out} is a directory: give a file name")
+    if hasattr(args, "threads") and args.command != "train":
+        resolve_threads(args.threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(command_name(argv))
     args = parser.parse_args(argv)
     args.command_line = "asarm " + " ".join(argv)  # recorded by commands that write results
     try:
+        check_option_values(args)
         if hasattr(args, "threads"):
             if args.command == "train":  # training keeps its threads in its config (the default there)
                 if args.threads is not None or os.environ.get(THREADS_ENV, "").strip():

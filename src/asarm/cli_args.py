@@ -64,12 +64,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive-k", action="store_true", help="ASSD: grow k after accepted rounds, shrink it after rejections")
 
 
+MAX_THREADS = 1024  # torch crashed (segfault) when asked for 100,000 threads
+
+
 def resolve_threads(requested: int | None) -> int | None:
     """Threads to use: --threads, else $ASARM_NUM_THREADS, else None when the user set
     OMP_NUM_THREADS (torch already follows it), else DEFAULT_THREADS."""
     if requested is not None:
-        if requested < 1:
-            raise InputError(f"--threads must be >= 1, got {requested}")
+        if not 1 <= requested <= MAX_THREADS:
+            raise InputError(f"--threads must be from 1 to {MAX_THREADS}, got {requested}")
         return requested
     env = os.environ.get(THREADS_ENV, "").strip()
     if env:
@@ -77,8 +80,8 @@ def resolve_threads(requested: int | None) -> int | None:
             value = int(env)
         except ValueError:
             value = 0
-        if value < 1:
-            raise InputError(f"{THREADS_ENV} must be an integer >= 1, got {env!r}")
+        if not 1 <= value <= MAX_THREADS:
+            raise InputError(f"{THREADS_ENV} must be an integer from 1 to {MAX_THREADS}, got {env!r}")
         return value
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return None

@@ -26,9 +26,12 @@ one side; the likelihood then does not depend on n, and the posterior is the pri
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +42,40 @@ FACTORIZATIONS = ("right-given-left", "left-given-right")
 DEFAULT_MAX_HOLE = 32
 MAX_EXACT_CELLS = 4096  # beyond this many cells of the length grid: the hole-by-hole approximation
 ROWS_PER_PASS = 64
+MAX_HOLE_LIMIT = 4096  # longest hole length anyone may ask for (--max-hole): memory stays bounded
+
+
+@dataclasses.dataclass
+class PlanningBudget:
+    """Bounds on one request's hole-length work (a server sets them; see ``planning_budget``):
+    at most ``max_cells`` exact cells (beyond: hole by hole), stopped at ``deadline``
+    (``time.monotonic()``), and each posterior computed once however many choices use it."""
+    max_cells: int = MAX_EXACT_CELLS
+    deadline: float | None = None
+    memo: dict = dataclasses.field(default_factory=dict)
+
+
+_BUDGET: contextvars.ContextVar[PlanningBudget | None] = contextvars.ContextVar("asarm_planning_budget", default=None)
+
+
+class PlanningTimeout(InputError):
+    """The hole-length posterior was still being computed at the request's deadline."""
+
+
+@contextlib.contextmanager
+def planning_budget(max_cells: int = MAX_EXACT_CELLS, deadline: float | None = None):
+    token = _BUDGET.set(PlanningBudget(max_cells, deadline))
+    try:
+        yield _BUDGET.get()
+    finally:
+        _BUDGET.reset(token)
+
+
+def _check_deadline() -> None:
+    budget = _BUDGET.get()
+    if budget is not None and budget.deadline is not None and time.monotonic() > budget.deadline:
+        raise PlanningTimeout("choosing the hole lengths took longer than the request's time limit: "
+                              "allow shorter holes (max_hole) or fewer holes")
 
 
 @dataclasses.dataclass
@@ -123,6 +160,7 @@ def evidence_log_likelihoods(model, segments: Sequence[Sequence[int]], cells: Se
     if sum(len(s) for i, s in enumerate(segments) if i != visible) == 0:
         return out  # nothing scored: the evidence does not depend on the lengths
     for start in range(0, len(cells), rows_per_pass):
+        _check_deadline()  # a request's budget: between passes, never inside one
         rows = [_row(segments, c, factorization) for c in cells[start:start + rows_per_pass]]
         L = max(len(r[0]) for r in rows)
         ids = torch.tensor([r[0] + [0] * (L - len(r[0])) for r in rows], device=model.device)
@@ -173,6 +211,13 @@ def joint_posterior(model, segments, candidates, *, prior=None, temperature=1.0,
     (independent across holes). Cells longer than the model's limit get probability 0.
     """
     priors = [normalize_prior(p, c) for p, c in zip(prior or [None] * len(candidates), candidates)]
+    budget = _BUDGET.get()
+    key = None
+    if budget is not None:  # the same posterior for every choice of a request: computed once
+        key = (tuple(map(tuple, segments)), tuple(map(tuple, candidates)), tuple(tuple(p.tolist()) for p in priors),
+               float(temperature), factorization)
+        if key in budget.memo:
+            return budget.memo[key]
     cells = list(itertools.product(*candidates))
     log_prior = torch.zeros(len(cells), dtype=torch.float64)
     for cell_index, idx in enumerate(itertools.product(*[range(len(c)) for c in candidates])):
@@ -185,7 +230,10 @@ def joint_posterior(model, segments, candidates, *, prior=None, temperature=1.0,
     evidence = evidence_log_likelihoods(model, segments, [cells[i] for i in keep], temperature=temperature,
                                         factorization=factorization)
     scores[keep] = log_prior[keep] + evidence
-    return cells, torch.softmax(scores, 0)
+    result = cells, torch.softmax(scores, 0)
+    if key is not None:
+        budget.memo[key] = result
+    return result
 
 
 def _marginal(cells, probs, hole: int, candidates: list[int]) -> list[float]:
@@ -206,12 +254,15 @@ def _pick(probs: torch.Tensor, greedy: bool, generator: torch.Generator) -> int:
 
 def choose_lengths(model, segments, holes, *, prior=None, temperature=1.0, greedy=False,
                    factorization="right-given-left", generator: torch.Generator | None = None,
-                   max_cells: int = MAX_EXACT_CELLS) -> list[LengthChoice]:
+                   max_cells: int | None = None) -> list[LengthChoice]:
     """One ``LengthChoice`` per hole. ``holes``: per hole a list of candidate lengths (one
     candidate = a given length). The exact joint posterior when the grid has at most
     ``max_cells`` cells, else hole by hole (approximate). Sampled (seeded ``generator``) or,
     with ``greedy``, the most probable cell."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    if max_cells is None:
+        budget = _BUDGET.get()
+        max_cells = budget.max_cells if budget is not None else MAX_EXACT_CELLS
     priors = [p if len(c) > 1 else None for p, c in zip(prior or [None] * len(holes), holes)]
     unknown = [i for i, c in enumerate(holes) if len(c) > 1]
     if not unknown:
@@ -247,6 +298,10 @@ def _hole_by_hole(model, segments, holes, priors, temperature, greedy, factoriza
         if len(c) == 1:
             choices.append(LengthChoice(c[0], 1.0, list(c), [1.0], "given"))
             continue
+        if not any(_fits(model, segments, current[:i] + [n] + current[i + 1:]) for n in c):
+            # the later holes parked at their medians leave this one no room (ten holes in a
+            # short text): park them at their shortest candidates instead
+            current[i + 1:] = [min(h) for h in holes[i + 1:]]
         grid = [current[:i] + [n] + current[i + 1:] for n in c]
         cells, probs = joint_posterior(model, segments, [[n] for n in current[:i]] + [c] + [[n] for n in current[i + 1:]],
                                        prior=[None] * i + [priors[i]] + [None] * (len(holes) - i - 1),
@@ -301,20 +356,26 @@ def length_counts(tokenizer, pieces: Sequence[str], max_length: int) -> tuple[li
     return counts, longer
 
 
-def length_prior_from_text(tokenizer, texts: Sequence[str], unit: str = "sentence",
+def length_prior_from_text(model_or_tokenizer, texts: Sequence[str], unit: str = "sentence",
                            max_length: int = DEFAULT_MAX_HOLE, smoothing: float = 1.0) -> list[float]:
     """A prior over hole lengths 1..max_length (``infill(length_prior=...)``, ``--length-prior``):
     the token-length histogram of ``texts``' units, plus ``smoothing`` per length, normalised.
     With our small models this prior carries nearly all the information about a hole's length
-    (results/hole-length), so measure it on text like the text being filled."""
+    (results/hole-length), so measure it on text like the text being filled.
+    ``model_or_tokenizer``: the model (like the rest of the API; its tokenizer is used) or a tokenizer."""
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", None) or model_or_tokenizer
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(max_length, int) or not 1 <= max_length <= MAX_HOLE_LIMIT:
+        raise InputError(f"max_length must be an integer from 1 to {MAX_HOLE_LIMIT}, got {max_length!r}")
     counts, _ = length_counts(tokenizer, [p for t in texts for p in text_units(t, unit)], max_length)
     return prior_from_counts(counts, smoothing, what=f"{unit} of 1 to {max_length} tokens")
 
 
 def prior_from_counts(counts: Sequence[int], smoothing: float = 1.0, what: str = "length") -> list[float]:
     """Counts of lengths 1..len(counts) -> prior weights: (count + smoothing), normalised."""
-    if smoothing < 0:
-        raise InputError(f"smoothing must be >= 0, got {smoothing}")
+    if not (math.isfinite(smoothing) and smoothing >= 0):
+        raise InputError(f"smoothing must be a finite number >= 0, got {smoothing}")
     total = sum(counts) + smoothing * len(counts)
     if total <= 0:
         raise InputError(f"no {what} in the text, and no smoothing")

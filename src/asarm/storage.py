@@ -144,11 +144,16 @@ def _shard_paths(index_path: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index_path}: corrupt shard index ({exc})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{index_path}: corrupt shard index ({type(exc).__name__})") from None
     paths = []
+    root = index_path.parent.resolve()
     for shard in shards:
         shard_path = index_path.parent / str(shard)
+        # a shard is a file of the model directory itself: never ../../etc/passwd or /abs/path
+        if (not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", "..")
+                or shard_path.resolve().parent != root):
+            raise CheckpointError(f"{index_path}: shard name {str(shard)[:80]!r} is not a file of the model directory")
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: shard {shard} is missing")
         paths.append(shard_path)

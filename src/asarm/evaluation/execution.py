@@ -8,8 +8,9 @@ temporary directory. The harness side (this file):
   the harness, and the wall-clock timeout is a plain ``wait(timeout)``,
 - on timeout kills the wrapper's process group and the cgroups; the rest of the tree dies with
   the wrapper (PID namespace, or parent-death signals and no fork when there is none),
-- takes the verdict from the wrapper's exit status: the program never holds anything that can
-  set it, and prints no marker it could copy.
+- takes the verdict from the wrapper's exit status *and* a proof of completion: a nonce sent to
+  the runner through a pipe and written back only after the program returned normally (see
+  ``sandbox_runner.py``); an exit status of 0 alone is a failure.
 Layers the machine cannot provide (namespaces, cgroups, Landlock) are skipped, and each result
 lists the layers that were active (``ExecResult.layers``); ``sandbox_layers()`` probes them once.
 """
@@ -56,47 +57,60 @@ def _clean_env(home: str) -> dict[str, str]:
 
 
 def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cpu_seconds: int | None = None,
-                max_file_mb: int = 16, python: str | None = None, isolate_network: bool = True,
+                max_file_mb: int = 16, max_disk_mb: int = 64, python: str | None = None, isolate_network: bool = True,
                 namespaces: bool = True, cgroups: bool = True, max_processes: int = 8) -> ExecResult:
     """Run ``source`` as a Python program in the sandbox; see the module docstring.
-    ``namespaces``/``cgroups`` = False skip those layers (to test the fallbacks)."""
+    ``namespaces``/``cgroups`` = False skip those layers (to test the fallbacks). ``max_disk_mb``:
+    what all the program's files may take together (a tmpfs; only with a mount namespace, each
+    file is limited to ``max_file_mb`` everywhere)."""
     cpu = int(cpu_seconds if cpu_seconds is not None else max(1, int(timeout) + 1))
     start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="asarm-exec-")
     out = tempfile.mkdtemp(prefix="asarm-out-")
     groups = _make_cgroups(memory_mb * 2**20, max_processes) if cgroups else []
-    uid = 1_000_000 + secrets.randbelow(1_000_000)  # used when root (see sandbox_child.sandbox_uid)
+    uid = 1_000_000 + secrets.randbelow(1_000_000)  # used when root: the program never runs as root
     try:
         with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
             f.write(source)
         cfg = {"work": work, "memory": memory_mb * 2**20, "cpu": cpu, "fsize": max_file_mb * 2**20,
+               "disk": max_disk_mb * 2**20,
                "nproc": max_processes, "namespaces": namespaces, "network": isolate_network,
                "cgroups": groups, "uid": uid}
-        code, info, err = _supervise(cfg, python, work, out, timeout)
+        code, info, err, proven = _supervise(cfg, python, work, out, timeout)
     finally:
         _remove_cgroups(groups)
         shutil.rmtree(out, ignore_errors=True)
         _remove_tree(work)
-    return _result(code, info, err, cpu, timeout, time.perf_counter() - start)
+    return _result(code, info, err, cpu, timeout, time.perf_counter() - start, proven)
 
 
 def _supervise(cfg: dict, python: str | None, work: str, out: str, timeout: float):
     """Start the wrapper, wait at most ``timeout``, kill the tree. Returns (exit code or None on
-    timeout, info lines, the program's error output)."""
+    timeout, info lines, the program's error output, whether the proof of completion came back)."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     cfg["info_fd"] = write_fd
+    # the proof of completion (see sandbox_runner.py): a fresh nonce in a pipe only the runner
+    # reads, which it writes back on proof_w once the program has run to its end
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
+    proof_r, proof_w = os.pipe()
+    os.set_blocking(proof_r, False)
+    cfg["nonce_fd"], cfg["proof_fd"] = nonce_r, proof_w
     stdout = open(os.path.join(out, "stdout"), "wb")
     stderr = open(os.path.join(out, "stderr"), "w+b")
     try:
         try:
             proc = subprocess.Popen([python or sys.executable, "-I", WRAPPER, json.dumps(cfg)], cwd=work,
                                     env=_clean_env(work), stdin=subprocess.DEVNULL, stdout=stdout,
-                                    stderr=stderr, pass_fds=(write_fd,), start_new_session=True)
+                                    stderr=stderr, pass_fds=(write_fd, nonce_r, proof_w), start_new_session=True)
         except OSError as exc:
-            return -1, [], f"could not start the interpreter: {exc}"
+            return -1, [], f"could not start the interpreter: {exc}", False
         finally:
-            os.close(write_fd)
+            for fd in (write_fd, nonce_r, proof_w):
+                os.close(fd)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -107,9 +121,10 @@ def _supervise(cfg: dict, python: str | None, work: str, out: str, timeout: floa
             _wait_gone(next((line[key] for line in info if key in line), None))
         stderr.seek(0)
         err = stderr.read(1 << 20).decode("utf-8", "replace")
-        return code, info, err
+        return code, info, err, _drain(proof_r, 1 << 12) == nonce
     finally:
         os.close(read_fd)
+        os.close(proof_r)
         stdout.close()
         stderr.close()
 
@@ -142,9 +157,10 @@ def _wait_gone(pid: int | None) -> None:
         time.sleep(0.002)
 
 
-def _read_info(fd: int) -> list[dict]:
+def _drain(fd: int, limit: int = 1 << 20) -> bytes:
+    """What a non-blocking pipe holds now, at most about ``limit`` bytes."""
     data = b""
-    while True:
+    while len(data) < limit:
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -152,6 +168,11 @@ def _read_info(fd: int) -> list[dict]:
         if not chunk:
             break
         data += chunk
+    return data
+
+
+def _read_info(fd: int) -> list[dict]:
+    data = _drain(fd)
     lines = []
     for line in data.decode("utf-8", "replace").splitlines():
         try:
@@ -161,11 +182,12 @@ def _read_info(fd: int) -> list[dict]:
     return lines
 
 
-def _result(code, info: list[dict], err: str, cpu: int, timeout: float, elapsed: float) -> ExecResult:
+def _result(code, info: list[dict], err: str, cpu: int, timeout: float, elapsed: float,
+            proven: bool = False) -> ExecResult:
     layers = tuple(next((line["layers"] for line in info if "layers" in line), ()))
     if code is None:
         return ExecResult("timeout", f"wall-clock timeout after {timeout:g}s", elapsed, layers)
-    if code == child.PASSED:
+    if code == child.PASSED and proven:  # an exit status of 0 alone proves nothing: the program can choose it
         return ExecResult("passed", "", elapsed, layers)
     if code == child.CPU_LIMIT:
         return ExecResult("timeout", f"CPU time limit ({cpu}s) exceeded", elapsed, layers)
@@ -175,21 +197,71 @@ def _result(code, info: list[dict], err: str, cpu: int, timeout: float, elapsed:
     why = {child.EXITED_EARLY: "program exited before running to its end",
            child.KILLED: "killed by signal {} (memory limit?)".format(
                next((line["signal"] for line in info if "signal" in line), "?")),
-           child.BAD_EXIT: "program ended without running to its end"}.get(code, f"exit code {code}")
+           child.BAD_EXIT: "program ended without running to its end",
+           child.PASSED: "program ended before running to its end (no proof of completion)"}.get(code, f"exit code {code}")
     return ExecResult("failed", tail or why, elapsed, layers)
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree that also removes what the program made unwritable (chmod 000 directories)."""
-    def fix(func, p, exc):
+    """Remove the work directory, whatever the (now dead) program left in it: never recursive
+    (a tree thousands of levels deep), never following a symbolic link (a link's target is not
+    the program's to lose), relative to directory descriptors (paths longer than PATH_MAX), and
+    restoring the permissions of directories the program made unreadable (chmod 000)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        os.chmod(path, 0o700, follow_symlinks=False) if not os.path.islink(path) else None
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    stack: list[tuple[str, list[str]]] = []  # (name in the parent, subdirectories still to visit)
+    pending = _clear_files(fd)
+    while True:
+        if pending:
+            name = pending.pop()
+            try:
+                os.chmod(name, 0o700, dir_fd=fd)  # a directory (lstat'ed), and no process is left to swap it
+                sub = os.open(name, flags, dir_fd=fd)
+            except OSError:
+                continue
+            os.close(fd)
+            fd = sub
+            stack.append((name, pending))
+            pending = _clear_files(fd)
+            continue
+        if not stack:
+            os.close(fd)
+            break
+        name, pending = stack.pop()
+        parent = os.open("..", flags, dir_fd=fd)  # no links on the way down: ".." is where we came from
+        os.close(fd)
+        fd = parent
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
+            os.rmdir(name, dir_fd=fd)
         except OSError:
             pass
-    shutil.rmtree(path, onerror=fix)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _clear_files(dir_fd: int) -> list[str]:
+    """Unlink everything in the directory that is not a directory (links included, never
+    followed); return the names of its subdirectories."""
+    subdirs = []
+    try:
+        entries = list(os.scandir(dir_fd))
+    except OSError:
+        return subdirs
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=dir_fd)
+        except OSError:
+            pass
+    return subdirs
 
 
 # ---------------------------------------------------------------- cgroups (where writable)

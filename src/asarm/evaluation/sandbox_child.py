@@ -1,22 +1,25 @@
 """The trusted wrapper that runs one untrusted program; started by ``execution.py`` as
 ``python -I sandbox_child.py CONFIG_JSON`` (stdlib only, never imported by asarm itself).
 
-Process tree:  harness --(exit status = verdict)-- W0 [-- W1, pid 1 of a new PID namespace] -- P
+Process tree:  harness --(exit status + proof)-- W0 [-- W1, pid 1 of a new PID namespace] -- P
 - W0 joins the run's cgroups (memory and process limits for the whole tree), then tries to
   unshare PID, mount, network, IPC and UTS namespaces (plus a user namespace when not root).
 - W1 (W0 itself when there are no namespaces) makes every mount read-only, puts a private tmpfs
-  on /tmp with only the work directory writable and mounts a fresh /proc, then forks P. When P
-  ends, every other descendant is killed: by the kernel when W1, the namespace's init, exits;
-  otherwise by W0 as child subreaper (and the cgroup).
-- P drops everything before it runs the program: rlimits, an unprivileged uid (when root), no
-  capabilities, no_new_privs, Landlock (writes only below the work directory, no TCP, no signals
-  out of the sandbox), a seccomp filter (no exec, no namespaces/mounts/ptrace, no fork unless the
-  tree is contained, no inet sockets), then human-eval's reliability guard on os *and* posix.
-The verdict is W0's exit status (0 = the program ran to its end). P never holds anything that can
-write it: W0's status comes from waitpid on P, and W0/W1 are not dumpable (no ptrace, no /proc fd
-access). Informational lines (which layers are active) go through ``info_fd``, closed in P before
-the program starts. Known limit: the program runs inside the interpreter that reports its end, so
-one that rebuilds a raw ``_exit(0)`` (e.g. by re-importing ctypes) can still end early with 0.
+  on /tmp whose only content is the work directory (a tmpfs of its own: the disk quota), covers
+  /proc (the program's memory stays unreadable) and, as root, exposes only the interpreter's
+  directories below an unsearchable one (/root); then forks P. When P ends, every other
+  descendant is killed: by the kernel when W1, the namespace's init, exits; otherwise by W0 as
+  child subreaper (and the cgroup).
+- P drops everything before it runs the program: rlimits, an unprivileged uid (as root: never
+  root, it refuses instead), no capabilities, no_new_privs, Landlock (writes only below the work
+  directory, no TCP, no signals out of the sandbox), a seccomp filter (one exec only, of the
+  interpreter through a descriptor; no namespaces/mounts/ptrace, no signal handlers, no fork
+  unless the tree is contained, no inet sockets), then execs ``sandbox_runner.py`` in a fresh
+  interpreter: none of this file's objects (its ctypes, its frames) is in the program's process.
+The verdict is W0's exit status *and* the proof of completion the runner writes on ``proof_fd``
+(see ``sandbox_runner.py``); W0/W1 are not dumpable. Informational lines (which layers are
+active) go through ``info_fd``, closed in P before the exec. docs/sandbox.md says what this
+design can and cannot guarantee.
 """
 
 import ctypes
@@ -45,6 +48,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 # verdicts: W0's exit status, read by the harness
 PASSED, RAISED, EXITED_EARLY, CPU_LIMIT, KILLED, BAD_EXIT, SETUP_FAILED = 0, 10, 11, 12, 13, 14, 15
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 
 
 def check(ret: int, what: str) -> None:
@@ -126,18 +130,60 @@ def remount_readonly(path: str) -> bool:
     return ctypes.get_errno() == 22  # EINVAL: not a mount point any more (shadowed by a later mount)
 
 
-def private_filesystem(work: str) -> str:
-    """Everything read-only, a private /tmp holding only the work directory (writable), a /proc
-    of the new PID namespace. Returns the work directory's path inside."""
+def hidden_ancestors(paths: list[str]) -> dict[str, set[str]]:
+    """For each path below a directory others may not search (``/root`` as pyenv installs for
+    root): that directory and the names of its children on the paths."""
+    hidden: dict[str, set[str]] = {}
+    for path in paths:
+        parts = [p for p in os.path.realpath(path).split("/") if p]
+        current = "/"
+        for part in parts:
+            if not os.stat(current).st_mode & 0o001 and current != "/":
+                hidden.setdefault(current, set()).add(part)
+                break
+            current = os.path.join(current, part)
+    return hidden
+
+
+def expose_interpreter() -> None:
+    """Make the interpreter readable to the sandbox uid without opening anything else: a
+    directory it cannot search (``/root``) is covered with an empty tmpfs, and only the children
+    on the interpreter's paths are bound back into it. The rest of ``/root`` stays unseen."""
+    paths = [p for p in sys.path if p and os.path.isdir(p)] + [sys.executable]
+    for blocked, children in hidden_ancestors(paths).items():
+        kept = {name: os.open(os.path.join(blocked, name), os.O_PATH | os.O_CLOEXEC) for name in children}
+        mount("tmpfs", blocked, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
+        for name, fd in kept.items():
+            target = os.path.join(blocked, name)
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.mkdir(target, 0o755)
+            else:
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+            mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+            os.close(fd)
+
+
+def private_filesystem(work: str, disk: int, uid, expose: bool) -> str:
+    """Everything read-only; a private /tmp holding only the work directory, a tmpfs of ``disk``
+    bytes (the disk quota: the program never writes to the real disk); no /proc at all (the
+    program's memory and the supervisors' stay unreadable). Returns the work directory's path inside."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
-    os.chdir(work)  # keeps the real directory reachable as "." once /tmp is covered
+    if expose:
+        expose_interpreter()
+    with open(os.path.join(work, "program.py"), "rb") as f:
+        program = f.read()
     inner = os.path.join("/tmp", os.path.basename(work))
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
     os.mkdir(inner)
-    mount(".", inner, None, MS_BIND)
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("tmpfs", inner, "tmpfs", MS_NOSUID | MS_NODEV, f"size={max(disk, 1 << 16)},mode=700")
+    with open(os.path.join(inner, "program.py"), "wb") as f:
+        f.write(program)
+    if uid is not None:
+        for path in (inner, os.path.join(inner, "program.py")):
+            os.chown(path, uid, uid)
     if not all(remount_readonly(p) for p in mount_points() if p != inner):
         raise OSError("could not make every mount read-only")
+    mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=555")
     os.chdir(inner)
     return inner
 
@@ -173,17 +219,10 @@ def others_can_read(path: str) -> bool:
         path = os.path.dirname(path)
 
 
-def sandbox_uid(cfg: dict, work_fd: int):
-    """As root, the program runs as a fresh unprivileged uid (its own process count, no root
-    files) that owns the work directory; only when the interpreter stays readable to it (a
-    stdlib below /root, as pyenv installs it for root, keeps uid 0 without capabilities)."""
-    uid = cfg.get("uid")
-    if os.geteuid() != 0 or uid is None:
-        return None
-    if not all(others_can_read(p) for p in sys.path if p and os.path.isdir(p)):
-        return None
-    os.fchown(work_fd, uid, uid)
-    return uid
+def interpreter_readable() -> bool:
+    """Whether an unprivileged uid can run this interpreter: its binary and every directory on
+    its (isolated) ``sys.path``."""
+    return all(others_can_read(p) for p in sys.path if p and os.path.isdir(p)) and others_can_read(sys.executable)
 
 
 def drop_privileges(uid) -> list[str]:
@@ -232,7 +271,7 @@ def landlock(work: str) -> list[str]:
 
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 SYSCALLS = {  # name: (x86_64, aarch64); None where the architecture has no such call
-    "execve": (59, 221), "execveat": (322, 281), "fork": (57, None), "vfork": (58, None),
+    "execve": (59, 221), "execveat": (322, 281), "rt_sigaction": (13, 134), "fork": (57, None), "vfork": (58, None),
     "clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), "tkill": (200, 130),
     "tgkill": (234, 131), "rt_sigqueueinfo": (129, 138), "rt_tgsigqueueinfo": (297, 240),
     "pidfd_send_signal": (424, 424), "pidfd_getfd": (438, 438), "ptrace": (101, 117),
@@ -261,10 +300,10 @@ JEQ = lambda k, jt, jf: bpf(0x15, k, jt, jf)
 JSET = lambda k, jt, jf: bpf(0x45, k, jt, jf)
 
 
-def seccomp_program(arch: str, allow_fork: bool, in_pidns: bool, network: bool, self_pid: int) -> bytes:
+def seccomp_program(arch: str, allow_fork: bool, in_pidns: bool, network: bool, self_pid: int, exec_fd: int) -> bytes:
     column = 0 if arch == "x86_64" else 1
     nr = {name: nums[column] for name, nums in SYSCALLS.items() if nums[column] is not None}
-    deny = ["execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2",
+    deny = ["execve", "rt_sigaction", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2",
             "pivot_root", "chroot", "unshare", "setns", "mount_setattr", "open_tree", "move_mount", "fsopen",
             "fsconfig", "fsmount", "fspick", "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key",
             "request_key", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
@@ -285,6 +324,8 @@ def seccomp_program(arch: str, allow_fork: bool, in_pidns: bool, network: bool, 
             blocks.append([JEQ(nr[name], 0, 4)] + arg0_is(self_pid, ALLOW, ERRNO(EPERM)))
     if network:
         blocks.append([JEQ(nr["socket"], 0, 4)] + arg0_is(AF_UNIX, ALLOW, ERRNO(EPERM)))
+    # one exec only: of the interpreter, through the descriptor the runner closes at once
+    blocks.append([JEQ(nr["execveat"], 0, 4)] + arg0_is(exec_fd, ALLOW, ERRNO(EPERM)))
     head = [LD_ARCH, JEQ(AUDIT_ARCH[arch], 1, 0), RET(KILL), LD_NR]
     if arch == "x86_64":  # the x32 ABI numbers (bit 30) would bypass every check below
         head += [bpf(0x35, 0x40000000, 0, 1), RET(ERRNO(ENOSYS))]
@@ -292,78 +333,18 @@ def seccomp_program(arch: str, allow_fork: bool, in_pidns: bool, network: bool, 
     return b"".join(head + body + [RET(ALLOW)])
 
 
-def seccomp(allow_fork: bool, in_pidns: bool, network: bool) -> list[str]:
+def seccomp(allow_fork: bool, in_pidns: bool, network: bool, exec_fd: int) -> list[str]:
     arch = os.uname().machine
     if arch not in AUDIT_ARCH:
         return []
-    prog = seccomp_program(arch, allow_fork, in_pidns, network, os.getpid())
+    prog = seccomp_program(arch, allow_fork, in_pidns, network, os.getpid(), exec_fd)
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxP", len(prog) // 8, ctypes.addressof(buf)))
     check(LIBC.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0), "seccomp")  # SECCOMP_MODE_FILTER
     return ["seccomp"]
 
 
-# ---------------------------------------------------------------- P: the guard and the program
-
-GUARDED = ("kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedirs", "rmdir", "fchdir",
-           "setuid", "fork", "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod",
-           "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown", "chdir", "execv", "execve",
-           "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "fexecve", "spawnv", "spawnve",
-           "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
-           "popen", "_exit", "abort", "register_at_fork", "pidfd_open", "setsid", "link", "symlink")
-
-
-def reliability_guard() -> None:
-    """human-eval's guard, a second layer: destructive calls removed from ``os`` *and* ``posix``
-    (``os`` only copies posix's functions, so clearing one left the other working)."""
-    import builtins, faulthandler, posix, shutil, socket, subprocess
-
-    def no_network(*args, **kwargs):
-        raise OSError("network access is disabled in this sandbox")
-
-    class NoSocket(socket.socket):
-        __init__ = no_network
-    socket.socket = NoSocket
-    for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
-        setattr(socket, name, no_network)
-    faulthandler.disable()
-    for module in (os, posix):
-        for name in GUARDED:
-            if hasattr(module, name):
-                setattr(module, name, None)
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, None)
-    subprocess.Popen = None
-    builtins.help = None
-    for name in ("_posixsubprocess", "ctypes", "_ctypes", "resource", "pty"):
-        sys.modules[name] = None
-
-
-def run_program(path: str, exit_now) -> None:
-    """Run the program as ``__main__``; exit 0 only when it returns normally."""
-    import types
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    main = types.ModuleType("__main__")  # the wrapper's own module is not reachable as __main__
-    main.__builtins__ = __builtins__
-    sys.modules["__main__"] = main
-    sys.argv = [path]
-    code = 0
-    try:
-        exec(compile(source, path, "exec"), main.__dict__)
-    except SystemExit:
-        sys.stderr.write("program exited before running to its end\n")
-        code = 3
-    except BaseException as exc:  # the traceback starts in the program, not in this runner
-        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-        code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    exit_now(code)
-
+# ---------------------------------------------------------------- P: the program
 
 def optional(layer, *args) -> list[str]:
     """A kernel layer this machine may lack (old kernel, blocked by a container): skip it."""
@@ -375,9 +356,10 @@ def optional(layer, *args) -> list[str]:
 
 
 def program_process(cfg: dict, work, uid, layers: list[str], info_fd: int, parent: int) -> None:
-    """P: drop every privilege, report the layers, close the report pipe, run the program.
+    """P: drop every privilege, report the layers, then become a fresh interpreter running
+    ``sandbox_runner.py`` (no ctypes, none of this file's objects in reach of the program).
     ``work``: the work directory's path, or an open descriptor of it."""
-    exit_now = os._exit  # the guard removes os._exit/posix._exit from the program's reach
+    exit_now = os._exit
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the supervisor died before the line above
@@ -386,26 +368,26 @@ def program_process(cfg: dict, work, uid, layers: list[str], info_fd: int, paren
         work = os.getcwd()
         for name in ("HOME", "TMPDIR"):
             os.environ[name] = work
+        exec_fd = os.open(sys.executable, os.O_PATH | os.O_CLOEXEC)
         allow_fork = ("pid-namespace" in layers or "cgroup-pids" in layers) and "cgroup-memory" in layers
         set_limits(cfg, allow_fork, os.uname().machine in AUDIT_ARCH)
         layers = layers + ["rlimits"] + drop_privileges(uid)
         layers += optional(landlock, work)
-        layers += optional(seccomp, allow_fork, "pid-namespace" in layers, cfg["network"])
+        layers += optional(seccomp, allow_fork, "pid-namespace" in layers, cfg["network"], exec_fd)
         if "seccomp" not in layers and not allow_fork:  # "no fork" then rests on RLIMIT_NPROC = 0
             resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-        layers += ["fork-allowed" if allow_fork else "no-fork", "guard"]
+        layers += ["fork-allowed" if allow_fork else "no-fork", "guard", "proof-of-completion"]
         info(info_fd, layers=layers)
         os.close(info_fd)
-        os.closerange(3, 1 << 16)
-        reliability_guard()
+        runner = {"exec_fd": exec_fd, "nonce_fd": cfg["nonce_fd"], "proof_fd": cfg["proof_fd"], "program": "program.py"}
+        for fd in (cfg["nonce_fd"], cfg["proof_fd"]):
+            os.set_inheritable(fd, True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(exec_fd, [sys.executable, "-I", RUNNER, json.dumps(runner)], dict(os.environ))
     except BaseException:
         traceback.print_exc()
-        exit_now(120)  # the setup failed: never run the program half-protected
-    try:
-        run_program("program.py", exit_now)
-    except BaseException:
-        traceback.print_exc()
-    exit_now(120)  # never fall back into the supervisor's code
+    exit_now(120)  # the setup failed: never run the program half-protected
 
 
 # ---------------------------------------------------------------- W0/W1: supervision
@@ -471,21 +453,29 @@ def supervise(cfg: dict, info_fd: int, layers: list[str]) -> int:
     is left. Returns the verdict."""
     in_pidns = "pid-namespace" in layers
     work = work_fd = os.open(cfg["work"], os.O_RDONLY | os.O_DIRECTORY)
-    # before private_filesystem: the work directory's owner can only change while its mount is
-    # still writable (the read-only remount covers the mount work_fd was opened on)
-    uid = sandbox_uid(cfg, work_fd)
+    root = os.geteuid() == 0
+    uid = cfg["uid"] if root else None  # as root the program runs as a fresh unprivileged uid
+    if root:  # while the mount is still writable (the read-only remount covers work_fd's mount)
+        os.fchown(work_fd, uid, uid)
     if in_pidns:
         try:
-            work = private_filesystem(cfg["work"])
-            layers = layers + ["mount-namespace"]
+            work = private_filesystem(cfg["work"], cfg["disk"], uid, expose=root)
+            layers = layers + ["mount-namespace", "disk-quota"]
         except OSError as exc:
             info(info_fd, warning=f"no private file system view: {exc}")
-    else:
+    if root and not interpreter_readable():
+        sys.stderr.write(f"sandbox: refusing to run the program as root, and the interpreter {sys.executable} "
+                         "is not readable by an unprivileged user (no mount namespace to expose it); "
+                         "use a world-readable Python\n")
+        return SETUP_FAILED
+    if not in_pidns:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
     me = os.getpid()
     child = os.fork()
     if child == 0:
         program_process(cfg, work, uid, layers, info_fd, me)
+    for fd in (cfg["nonce_fd"], cfg["proof_fd"]):  # the program's alone from here on
+        os.close(fd)
     if not in_pidns:
         info(info_fd, program=child)  # the harness waits for it to be gone after a timeout
     status, usage = reap(block=True, wanted=child)
@@ -523,7 +513,8 @@ def main() -> int:
             traceback.print_exc()
             os._exit(SETUP_FAILED)
     info(info_fd, init=child)  # the harness waits for it to be gone after a timeout
-    os.close(info_fd)
+    for fd in (info_fd, cfg["nonce_fd"], cfg["proof_fd"]):
+        os.close(fd)
     status, _ = reap(block=True, wanted=child)
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else KILLED
 

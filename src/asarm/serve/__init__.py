@@ -22,25 +22,70 @@ def cmd_serve(args) -> int:
     from ..errors import InputError
     from .app import create_app
 
-    for name in ("max_batch", "max_queue", "port"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.request_timeout <= 0 or args.grace < 0:
-        raise InputError("--request-timeout must be > 0 and --grace >= 0")
+    api_key = check_serve_options(args)
     apply_threads(args.threads)  # --threads / ASARM_NUM_THREADS, like every model command
+    port_free(args.host, args.port)  # before the model loads: a busy port is one line, at once
     model = load_cli_model(args)
     name = args.served_name or os.path.basename(str(args.model or DEFAULT_MODEL).rstrip("/"))
-    api_key = args.api_key or os.environ.get("ASARM_API_KEY") or None
     app = create_app(model, model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                      api_key=api_key, request_timeout=args.request_timeout, pass_delay=args.pass_delay)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # limits at the transport: a slow or idle connection is closed, headers are bounded (h11),
+    # and beyond limit_concurrency connections uvicorn answers 503 without reading anything
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.grace, access_log=args.log_level == "debug")
+                            timeout_graceful_shutdown=args.grace, access_log=args.log_level == "debug",
+                            limit_concurrency=args.max_queue + args.max_batch + 64, timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=64 * 1024, http="h11")
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: make that second
     # delivery a no-op so a graceful stop exits with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def check_serve_options(args) -> str | None:
+    """Every option value checked before anything loads (one line, exit 2). Returns the API key."""
+    import math
+
+    from ..errors import InputError
+
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port must be between 1 and 65535, got {args.port}")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise InputError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
+    if not (math.isfinite(args.grace) and args.grace >= 0):
+        raise InputError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+    if not (math.isfinite(args.pass_delay) and args.pass_delay >= 0):
+        raise InputError(f"--pass-delay must be >= 0, got {args.pass_delay}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("ASARM_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise InputError("the API key is empty (--api-key '' or ASARM_API_KEY=''): give a key, or leave the "
+                         "option out to serve without one")
+    if api_key is not None and (api_key != api_key.strip() or not api_key.isprintable()):
+        raise InputError("the API key must be printable and have no surrounding spaces")
+    return api_key
+
+
+def port_free(host: str, port: int) -> None:
+    """Bind and release the address: a port in use is one line now, not uvicorn's traceback later."""
+    import socket
+
+    from ..errors import InputError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def add_cli(sub) -> None:

@@ -11,7 +11,9 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -19,8 +21,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ASARMError, InputError
+from ..lengths import PlanningTimeout, planning_budget
 from ..text import exclude_special_tokens, read_markup
 from . import handlers as H
 from .holes import completion_markup
@@ -31,11 +35,16 @@ from .schemas import CompletionRequest, InfillRequest, ScoreRequest
 log = logging.getLogger("asarm.serve")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1_000_000
+PLANNING_MAX_CELLS = 1024  # exact hole-length cells per request; beyond: hole by hole (rows of the model)
 PUBLIC = ("/health", "/", "/favicon.ico")  # the page is static; every API route needs the key
 ENDPOINTS = {"/v1/completions", "/v1/infill", "/v1/score", "/v1/models", "/health", "/metrics", "/"}
 
 
 class RequestTimeout(Exception):
+    pass
+
+
+class PayloadTooLarge(Exception):
     pass
 
 
@@ -61,6 +70,8 @@ def error_response(exc: Exception, param: str | None = None) -> JSONResponse:
         status, kind, message = 503, "server_error", str(exc)
     elif isinstance(exc, RequestTimeout):
         status, kind, message = 504, "timeout_error", str(exc)
+    elif isinstance(exc, PayloadTooLarge):
+        status, kind, message = 413, "invalid_request_error", str(exc)
     elif isinstance(exc, StarletteHTTPException):
         status, kind, message = exc.status_code, "invalid_request_error", str(exc.detail)
     body = {"error": {"message": message.splitlines()[0] if message else kind, "type": kind,
@@ -79,6 +90,17 @@ class ServerState:
         self.max_length = int(getattr(model.config, "max_length", None) or 512)
         self.api_key, self.request_timeout = api_key, request_timeout
         self.started = time.time()
+        # CPU work outside the engine (parsing, tokenizing, hole-length planning): off the event
+        # loop, one request at a time, so neither /health nor the batch waits for it
+        self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asarm-prepare")
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on the worker thread, in this request's context."""
+        import contextvars
+        import functools
+
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(context.run, fn, *args))
 
 
 def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_queue: int = 256,
@@ -99,6 +121,7 @@ def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_que
         loop.start()
         yield
         await asyncio.to_thread(loop.stop)
+        state.workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="asarm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.asarm = state
@@ -153,10 +176,23 @@ class Gate:
         return hmac.compare_digest(got.encode(), f"Bearer {self.state.api_key}".encode())
 
 
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The body, refused (413) from its Content-Length before anything is read, or as soon as
+    the streamed bytes pass ``limit`` (a chunked body has no length to check first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def parse_body(request: Request, schema, state: ServerState):
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise InputError(f"the request body is larger than {MAX_BODY} bytes")
+    raw = await read_body(request)
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as exc:
@@ -223,9 +259,12 @@ class Api:
         try:
             body = await parse_body(request, schema, self.state)
             return await handler(request, body)
-        except (ASARMError, ModelNotFound, QueueFull, ShuttingDown, RequestTimeout) as exc:
+        except PlanningTimeout:
+            return error_response(RequestTimeout(f"the request took longer than {self.state.request_timeout:g} s "
+                                                 "(choosing its hole lengths)"))
+        except (ASARMError, ModelNotFound, QueueFull, ShuttingDown, RequestTimeout, PayloadTooLarge) as exc:
             return error_response(exc, getattr(exc, "param", None))
-        except ClientGone:
+        except (ClientGone, ClientDisconnect):  # the client hung up (while sending its body, or waiting)
             return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - a bug (ours or the engine's): logged once, a 500
             log.error("%s failed", request.url.path, exc_info=exc)
@@ -240,7 +279,9 @@ class Api:
             raise
         return job
 
-    def generation_job(self, body, markup) -> Job:
+    async def generation_job(self, request, body, markup) -> Job:
+        """Plan the hole lengths (off the event loop and off the engine thread, once per request
+        whatever ``n``, bounded by the request's time limit), then queue the rows."""
         state = self.state
         if body.n > state.loop.max_batch:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
@@ -249,21 +290,37 @@ class Api:
             exclude_special_tokens(state.tokenizer, options)
         config = self.adapter.make_config(options)
         seeds = H.seeds_for(body)
-        return self.submit(body.n, H.make_prepare(state.model, markup, config, body, seeds),
-                           rounds=body.stream)
+        deadline = time.monotonic() + state.request_timeout
+
+        budgets = []
+
+        def plan():
+            with planning_budget(max_cells=PLANNING_MAX_CELLS, deadline=deadline) as budget:
+                budgets.append(budget)
+                return H.plan_for(state.model, markup, config, body, seeds)
+
+        try:
+            layouts = await asyncio.wait_for(collect(request, None, state.off_loop(plan)), state.request_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise PlanningTimeout("the hole-length planning passed the request's time limit") from None
+        finally:
+            for budget in budgets:  # an abandoned plan (timeout, client gone) stops at its next pass
+                budget.deadline = 0.0
+        return self.submit(body.n, H.make_prepare(layouts, config, body, seeds), rounds=body.stream)
 
     async def completions(self, request, body: CompletionRequest):
-        markup = completion_markup(self.state.model, self.state.tokenizer, body, self.state.max_length)
-        job = self.generation_job(body, markup)
+        markup = await self.state.off_loop(completion_markup, self.state.model, self.state.tokenizer, body,
+                                           self.state.max_length)
+        job = await self.generation_job(request, body, markup)
         run = CompletionRun(self.state, body, job, suffix=body.suffix is not None)
         if body.stream:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
     async def infill(self, request, body: InfillRequest):
-        markup = read_markup(self.state.model, body.text, self.state.tokenizer, max_hole=body.max_hole,
-                             max_length=self.state.max_length)
-        job = self.generation_job(body, markup)
+        markup = await self.state.off_loop(lambda: read_markup(self.state.model, body.text, self.state.tokenizer,
+                                                               max_hole=body.max_hole, max_length=self.state.max_length))
+        job = await self.generation_job(request, body, markup)
         run = InfillRun(self.state, body, job)
         if body.stream:
             return await stream_response(request, job, run)
@@ -273,7 +330,7 @@ class Api:
         from ..scoring import parse_scored_text, score
 
         state = self.state
-        ids, hidden = parse_scored_text(state.tokenizer, body.text)
+        ids, hidden = await state.off_loop(parse_scored_text, state.tokenizer, body.text)
         if len(ids) > state.max_length:
             raise InputError(f"the text is {len(ids)} tokens, more than the model's maximum length of {state.max_length}")
         if len(ids) == 0:
@@ -505,6 +562,12 @@ async def score_answer(state: ServerState, ids, hidden, job: Job) -> JSONRespons
     tokens = [{"position": p, "text": H.decode(state.tokenizer, [int(ids[p])]), "logprob": lp[p]}
               for p in hidden.nonzero().flatten().tolist()]
     nll = -float(result.log_prob)
-    return JSONResponse({"object": "score", "model": state.model_name, "log_prob": -nll, "num_tokens": n,
-                         "nll_per_token": nll / max(n, 1), "perplexity": float(result.perplexity),
-                         "nfe": result.nfe, "tokens": tokens})
+    # a near-zero temperature can give an infinite perplexity, which JSON cannot carry: null
+    return JSONResponse({"object": "score", "model": state.model_name, "log_prob": finite(-nll), "num_tokens": n,
+                         "nll_per_token": finite(nll / max(n, 1)), "perplexity": finite(float(result.perplexity)),
+                         "nfe": result.nfe, "tokens": [dict(t, logprob=finite(t["logprob"])) for t in tokens]})
+
+
+def finite(value):
+    """``value``, or None where it is not a finite number (JSON has no inf or nan)."""
+    return value if value is None or math.isfinite(value) else None

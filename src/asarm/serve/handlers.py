@@ -77,12 +77,17 @@ class Choice:
         return text[1:] if self.drop_space and text.startswith(" ") else text
 
 
-def make_prepare(model, markup, config, body, seeds: list[int]):
-    """The job's engine-thread half: choose hole lengths per choice, lay out each row."""
+def plan_for(model, markup, config, body, seeds: list[int]):
+    """Every choice's hole lengths and layout (the model's work outside the engine: it runs
+    before the job is queued, never on the engine thread)."""
+    return plan_layouts(model, markup, seeds, greedy=config.greedy, temperature=config.temperature,
+                        length_prior=body.length_prior)
+
+
+def make_prepare(layouts, config, body, seeds: list[int]):
+    """The job's engine-thread half: lay out each row (the lengths are already chosen)."""
 
     def prepare():
-        layouts = plan_layouts(model, markup, seeds, greedy=config.greedy, temperature=config.temperature,
-                               length_prior=body.length_prior)
         rows = [RowSpec(lay.input_ids, lay.masked, config, seed=s, order=body.order,
                         return_logprobs=bool(getattr(body, "logprobs", False)))
                 for lay, s in zip(layouts, seeds)]
