@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from .cli_args import (SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
-                       add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads)
+                       add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads,
+                       sampling_options)
 from .errors import ASARMError, InputError
 
 # Subcommands defined in modules that import torch. `asarm --help` lists them from this table;
@@ -59,27 +60,6 @@ def version() -> str:
     from . import __version__
 
     return __version__
-
-
-def sampling_options(args) -> dict:
-    """The ``sample`` arguments of a command line: one ``DecodeConfig`` plus order and seed."""
-    from .sampling import DecodeConfig
-
-    order = args.order
-    if order not in ("left-to-right", "random"):
-        try:
-            order = [int(x) for x in order.split(",")]
-        except ValueError:
-            raise InputError(f"--order must be left-to-right, random or comma-separated positions, got {order!r}") from None
-    greedy, temperature = args.greedy, args.temperature
-    if temperature == 0:  # the usual CLI convention: temperature 0 is argmax decoding
-        greedy, temperature = True, 1.0
-    elif not temperature > 0 or temperature == float("inf"):
-        raise InputError(f"--temperature must be > 0, got {args.temperature} (0 or --greedy: argmax decoding)")
-    config = DecodeConfig(method=args.method, draft=args.draft, k=args.k, temperature=temperature, greedy=greedy,
-                          top_k=args.top_k, top_p=args.top_p, cache=not args.no_cache, bonus=args.bonus,
-                          one_pass=args.one_pass, adaptive_k=args.adaptive_k)
-    return dict(config=config, order=order, seed=args.seed)
 
 
 def print_stats(result, elapsed: float) -> None:

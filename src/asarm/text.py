@@ -254,17 +254,28 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
     return (filled, result) if return_result else filled
 
 
-def exclude_special_tokens(tokenizer, sample_options: dict, keep_end_of_text: bool = False) -> None:
-    """Add the tokenizer's non-text special tokens, and its end-of-text token unless
-    ``keep_end_of_text`` (``stop_at`` may cut at it), to the ``suppress`` of ``sample_options``
-    (a keyword, or the given ``config``'s)."""
-    config = sample_options.get("config")
-    current = set(sample_options.get("suppress", config.suppress if config is not None else ()))
-    current |= set(special_text_ids(tokenizer))
+def non_text_ids(tokenizer, keep_end_of_text: bool = False) -> set[int]:
+    """The token ids a hole must not hold: the tokenizer's special tokens that are not text
+    (``<unk>``, ``<s>``, padding, ...), and its end-of-text unless ``keep_end_of_text``
+    (``stop_at`` may cut at it)."""
+    ids = set(special_text_ids(tokenizer))
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not keep_end_of_text:
-        current.add(int(eos))
-    sample_options["suppress"] = tuple(sorted(current))
+        ids.add(int(eos))
+    return ids
+
+
+def text_only(tokenizer, config, keep_end_of_text: bool = False):
+    """``config`` (a DecodeConfig) with ``non_text_ids`` excluded inside its target distribution."""
+    return config.replace(suppress=tuple(sorted(set(config.suppress) | non_text_ids(tokenizer, keep_end_of_text))))
+
+
+def exclude_special_tokens(tokenizer, sample_options: dict, keep_end_of_text: bool = False) -> None:
+    """Add ``non_text_ids`` to the ``suppress`` of ``sample_options`` (a keyword, or the given
+    ``config``'s)."""
+    config = sample_options.get("config")
+    current = set(sample_options.get("suppress", config.suppress if config is not None else ()))
+    sample_options["suppress"] = tuple(sorted(current | non_text_ids(tokenizer, keep_end_of_text)))
 
 
 def finish_text(plan: InfillPlan, filled_ids) -> str:

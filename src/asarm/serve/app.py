@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ASARMError, InputError
-from ..text import exclude_special_tokens, read_markup
+from ..text import read_markup, text_only
 from . import handlers as H
 from .holes import completion_markup
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .schemas import CompletionRequest, InfillRequest, ScoreRequest
+from .schemas import ScoreRequest, generation_schemas
 
 log = logging.getLogger("asarm.serve")
 STATIC = Path(__file__).parent / "static"
@@ -82,14 +82,12 @@ class ServerState:
 
 
 def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_queue: int = 256,
-               api_key: str | None = None, request_timeout: float = 120.0, adapter=None,
-               pass_delay: float = 0.0) -> FastAPI:
+               api_key: str | None = None, request_timeout: float = 120.0, pass_delay: float = 0.0) -> FastAPI:
+    from .engine import EngineAdapter
+
     if getattr(model, "tokenizer", None) is None:
         raise InputError("the server needs a model with a tokenizer (its checkpoint has no tokenizer files)")
-    if adapter is None:
-        from .engine import EngineAdapter
-
-        adapter = EngineAdapter(model)
+    adapter = EngineAdapter(model)
     metrics = Metrics()
     loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay)
     state = ServerState(model, model_name, loop, metrics, api_key, request_timeout)
@@ -102,7 +100,7 @@ def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_que
 
     app = FastAPI(title="asarm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.asarm = state
-    app.add_middleware(Gate, state=state)
+    app.add_middleware(Guard, state=state)
     app.add_exception_handler(StarletteHTTPException, _handle)
     app.add_exception_handler(Exception, _handle)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -116,7 +114,7 @@ async def _handle(request, exc):
     return error_response(exc)
 
 
-class Gate:
+class Guard:
     """ASGI middleware: the API key (all routes but the public ones) and per-request metrics
     (status and time to the LAST byte, so streams are timed whole)."""
 
@@ -180,6 +178,7 @@ class FieldError(InputError):
 
 def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
     api = Api(state, adapter)
+    completion_request, infill_request = generation_schemas()  # the decoding fields: DecodeConfig's
 
     @app.get("/health")
     async def health():
@@ -202,11 +201,11 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await api.guarded(request, CompletionRequest, api.completions)
+        return await api.guarded(request, completion_request, api.completions)
 
     @app.post("/v1/infill")
     async def infill(request: Request):
-        return await api.guarded(request, InfillRequest, api.infill)
+        return await api.guarded(request, infill_request, api.infill)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -244,15 +243,14 @@ class Api:
         state = self.state
         if body.n > state.loop.max_batch:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
-        options = body.decode_options()
+        config = body.decode_config()
         if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
-            exclude_special_tokens(state.tokenizer, options)
-        config = self.adapter.make_config(options)
+            config = text_only(state.tokenizer, config)
         seeds = H.seeds_for(body)
         return self.submit(body.n, H.make_prepare(state.model, markup, config, body, seeds),
                            rounds=body.stream)
 
-    async def completions(self, request, body: CompletionRequest):
+    async def completions(self, request, body):
         markup = completion_markup(self.state.model, self.state.tokenizer, body, self.state.max_length)
         job = self.generation_job(body, markup)
         run = CompletionRun(self.state, body, job, suffix=body.suffix is not None)
@@ -260,7 +258,7 @@ class Api:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
-    async def infill(self, request, body: InfillRequest):
+    async def infill(self, request, body):
         markup = read_markup(self.state.model, body.text, self.state.tokenizer, max_hole=body.max_hole,
                              max_length=self.state.max_length)
         job = self.generation_job(body, markup)
