@@ -4,7 +4,7 @@ User mistakes (bad markup, a missing checkpoint, bad options, input that is not 
 line and exit with code 2; anything else is a bug and keeps its traceback.
 
 Start-up is kept short: this module and ``cli_args`` import no torch, and the subcommands that
-live in heavier modules (score, train, eval, bench) are imported only when they are used, so
+live in heavier modules (train, eval, bench, quantize, serve) are imported only when they are used, so
 ``asarm --help``, ``asarm models`` and argument errors answer at once.
 """
 
@@ -26,7 +26,6 @@ from .errors import ASARMError, InputError
 # Subcommands defined in modules that import torch. `asarm --help` lists them from this table;
 # their real parsers are built only when the command is named (tests check the help texts match).
 LAZY_COMMANDS = {
-    "score": ("scoring", "exact log-likelihood of [[marked]] spans given the rest, in one pass"),
     "train": ("train", "train or fine-tune an AS-ARM (the paper's joint objective)"),
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
@@ -162,6 +161,35 @@ def cmd_length_prior(args) -> int:
     print(f"{n} {args.unit}s of 1-{args.max_hole} tokens ({longer} longer, left out), mean {mean:.1f} tokens, "
           f"mode {mode}; use it with: asarm infill --length-prior {args.out or 'FILE'} --max-hole {args.max_hole}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    import math
+
+    import torch
+
+    from .scoring import score
+    from .text import parse_scored_text
+    from .tokenization import decode
+
+    model = load_cli_model(args)
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer files; score token ids with asarm.score() instead")
+    ids, hidden = parse_scored_text(model.tokenizer, read_text(args))
+    if len(ids) == 0:
+        raise InputError("nothing to score: the text is empty")
+    order = args.order if args.order in ("left-to-right", "random") else [int(x) for x in args.order.split(",")]
+    res = score(model, ids, hidden, order=order, seed=args.seed)
+    n = int(res.num_tokens)
+    nll = -float(res.log_prob)
+    print(f"tokens scored: {n}")
+    print(f"total NLL: {nll:.4f} nats ({nll / math.log(2):.4f} bits)")
+    print(f"NLL per token: {nll / max(n, 1):.4f} nats; perplexity: {math.exp(nll / max(n, 1)):.3f}")
+    if args.tokens:
+        for pos in torch.nonzero(hidden).flatten().tolist():
+            piece = decode(model.tokenizer, [int(ids[pos])])
+            print(f"{pos:6d} {-float(res.token_log_probs[pos]):9.4f}  {piece!r}")
     return 0
 
 
@@ -319,6 +347,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="exact log-likelihood of [[marked]] spans given the rest, in one pass",
+                       description="Score the spans written [[like this]] given the rest of the text (the "
+                                   "whole text if none is marked): total and per-token NLL, perplexity.")
+    p.add_argument("text", nargs="?", help="text, or '-' for standard input")
+    p.add_argument("--file", default=None)
+    p.add_argument("--order", default="left-to-right", help="left-to-right, random or comma-separated positions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", action="store_true", help="also print every scored token's NLL")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("models", help="list the shipped models: size, length limit, training data")
     p.set_defaults(func=cmd_models)

@@ -114,6 +114,7 @@ def evidence_log_likelihoods(model, segments: Sequence[Sequence[int]], cells: Se
     Each cell is one row; rows go through ``model.chain_logits`` ``rows_per_pass`` at a time.
     """
     from .sampling import TargetDistribution, check_temperature
+    from .scoring import chain_log_probs
 
     check_factorization(factorization)
     check_temperature(temperature)
@@ -127,10 +128,7 @@ def evidence_log_likelihoods(model, segments: Sequence[Sequence[int]], cells: Se
         L = max(len(r[0]) for r in rows)
         ids = torch.tensor([r[0] + [0] * (L - len(r[0])) for r in rows], device=model.device)
         ranks = torch.tensor([r[1] + [-1] * (L - len(r[1])) for r in rows], device=model.device)
-        logits, query_pos, query_valid = model.chain_logits(ids, ranks)
-        logp = torch.log_softmax(target.logits(logits), -1)
-        picked = logp.gather(-1, ids.gather(1, query_pos)[..., None]).squeeze(-1).double()
-        picked = torch.where(query_valid, picked, torch.zeros_like(picked))
+        picked, _ = chain_log_probs(model, ids, ranks, target)
         out[start:start + len(rows)] = picked.sum(1).cpu()
     return out
 
@@ -196,12 +194,13 @@ def _marginal(cells, probs, hole: int, candidates: list[int]) -> list[float]:
 
 
 def _pick(probs: torch.Tensor, greedy: bool, generator: torch.Generator) -> int:
+    """The index of a cell drawn from ``probs`` (float64) with one uniform of ``generator``
+    (``asarm.sampling.draw``), or the most probable one when ``greedy``."""
+    from .sampling import draw
+
     if greedy:
         return int(torch.argmax(probs))
-    cdf = probs.cumsum(0)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
-    index = int(torch.searchsorted(cdf, u.view(1), right=True))
-    return min(index, int(torch.nonzero(probs).max()))  # u rounded up to the total: last with mass
+    return int(draw(probs, torch.rand((), generator=generator, dtype=torch.float64)))
 
 
 def choose_lengths(model, segments, holes, *, prior=None, temperature=1.0, greedy=False,

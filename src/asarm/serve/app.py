@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ASARMError, InputError
+from ..seeds import choice_seeds, resolve_seed
 from ..text import read_markup, text_only
 from . import handlers as H
 from .holes import completion_markup
@@ -246,7 +247,7 @@ class Api:
         config = body.decode_config()
         if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
             config = text_only(state.tokenizer, config)
-        seeds = H.seeds_for(body)
+        seeds = choice_seeds(resolve_seed(body.seed), body.n)
         return self.submit(body.n, H.make_prepare(state.model, markup, config, body, seeds),
                            rounds=body.stream)
 
@@ -268,7 +269,8 @@ class Api:
         return await collect(request, job, run.answer())
 
     async def score(self, request, body: ScoreRequest):
-        from ..scoring import parse_scored_text, score
+        from ..scoring import score
+        from ..text import parse_scored_text
 
         state = self.state
         ids, hidden = parse_scored_text(state.tokenizer, body.text)
@@ -358,8 +360,8 @@ class Run:
     def _finish_choice(self, index: int, result) -> tuple[H.Choice, str]:
         """The choice's final region text; its stats recorded."""
         ch = self.choices[index]
-        text = ch.finish(result)
-        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived,
+        text = ch.done(result)
+        self.stats[index] = H.row_stats(result, ch.holes, self.job.admitted - self.job.arrived,
                                         time.monotonic() - self.job.admitted)
         return ch, text
 
@@ -381,11 +383,10 @@ class CompletionRun(Run):
         super().__init__(state, body, job, "cmpl")
         self.finish = "stop" if suffix else "length"
 
-    def _start(self, layouts) -> None:
-        for lay in layouts:
-            hole = lay.holes[0]
-            self.choices.append(H.Choice(self.state.tokenizer, lay, hole["start"], hole["start"] + hole["length"],
-                                         drop_space=lay.space_moved))
+    def _start(self, plans) -> None:
+        for plan in plans:
+            start, end = plan.spans[0]
+            self.choices.append(H.Choice(self.state.tokenizer, plan, start, end, drop_space=plan.space_moved))
 
     def _done(self, index: int, result) -> str:
         return self._finish_choice(index, result)[1]
@@ -411,7 +412,7 @@ class CompletionRun(Run):
                     self._start(payload)
                 elif kind == "round":
                     index, event = payload
-                    piece = self.choices[index].apply(event)
+                    piece = self.choices[index].take(event)
                     if piece:
                         yield H.sse(self._chunk(index, piece))
                 elif kind == "done":
@@ -439,29 +440,30 @@ class InfillRun(Run):
     def __init__(self, state: ServerState, body, job: Job):
         super().__init__(state, body, job, "infill")
 
-    def _start(self, layouts) -> dict:
+    def _start(self, plans) -> dict:
         tok = self.state.tokenizer
         out = []
-        for i, lay in enumerate(layouts):
-            self.choices.append(H.Choice(tok, lay, 0, len(lay.input_ids)))
+        for i, plan in enumerate(plans):
+            choice = H.Choice(tok, plan, 0, len(plan.input_ids))
+            self.choices.append(choice)
             pieces = [{"text": "" if m else H.decode(tok, [t]), "hidden": m}
-                      for t, m in zip(lay.input_ids.tolist(), lay.masked.tolist())]
-            out.append({"index": i, "tokens": pieces, "holes": lay.holes})
+                      for t, m in zip(plan.input_ids.tolist(), plan.masked.tolist())]
+            out.append({"index": i, "tokens": pieces, "holes": choice.holes})
         return {"object": "infill.start", "id": self.rid, "model": self.state.model_name, "choices": out}
 
     def _done(self, index: int, result) -> dict:
         ch, text = self._finish_choice(index, result)
         holes = [dict(h, text=H.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
-                 for h in ch.layout.holes]
+                 for h in ch.holes]
         out = {"index": index, "text": text, "holes": holes, "finish_reason": "stop", "asarm": self.stats[index]}
         if self.body.logprobs:
             lp = result.token_logprobs.reshape(-1).tolist()
-            out["logprobs"] = [{"position": p, "logprob": lp[p]} for p in ch.layout.masked.nonzero().flatten().tolist()]
+            out["logprobs"] = [{"position": p, "logprob": lp[p]} for p in ch.plan.masked.nonzero().flatten().tolist()]
         return out
 
     def _round(self, index: int, event) -> dict:
         tok = self.state.tokenizer
-        piece = self.choices[index].apply(event)
+        piece = self.choices[index].take(event)
         return {"object": "infill.round", "index": index, "round": event.round, "nfe": event.nfe,
                 "positions": list(event.positions), "tokens": [int(t) for t in event.tokens],
                 "texts": [H.decode(tok, [int(t)]) for t in event.tokens], "resampled": event.resampled,
