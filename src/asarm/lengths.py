@@ -179,11 +179,19 @@ def joint_posterior(model, segments, candidates, *, prior=None, temperature=1.0,
     if not keep:
         raise InputError("no candidate hole length fits the model's length limit (or has prior weight): "
                          "shorten the text or allow shorter holes")
-    scores = torch.full((len(cells),), -math.inf, dtype=torch.float64)
-    evidence = evidence_log_likelihoods(model, segments, [cells[i] for i in keep], temperature=temperature,
-                                        factorization=factorization)
-    scores[keep] = log_prior[keep] + evidence
-    return cells, torch.softmax(scores, 0)
+    evidence = torch.zeros(len(cells), dtype=torch.float64)
+    evidence[keep] = evidence_log_likelihoods(model, segments, [cells[i] for i in keep], temperature=temperature,
+                                              factorization=factorization)
+    allowed = torch.zeros(len(cells), dtype=torch.bool)
+    allowed[keep] = True
+    return cells, posterior_from_evidence(evidence, log_prior, allowed)
+
+
+def posterior_from_evidence(log_evidence: torch.Tensor, log_prior: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """p(cell | context) ∝ prior(cell) · p(context | cell) over the ``allowed`` cells, 0 elsewhere
+    (float64 [C]; log-evidence and log-prior per cell, the prior need not be normalised)."""
+    scores = torch.where(allowed, log_prior + log_evidence, torch.full_like(log_evidence, -math.inf))
+    return torch.softmax(scores, 0)
 
 
 def _marginal(cells, probs, hole: int, candidates: list[int]) -> list[float]:

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ASARMError, InputError
 from ..seeds import choice_seeds, resolve_seed
 from ..text import read_markup, text_only
-from . import handlers as H
+from . import handlers
 from .holes import completion_markup
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
@@ -70,7 +70,7 @@ def error_response(exc: Exception, param: str | None = None) -> JSONResponse:
 
 
 def error_event(exc: Exception) -> bytes:
-    return H.sse(json.loads(error_response(exc).body))
+    return handlers.sse(json.loads(error_response(exc).body))
 
 
 class ServerState:
@@ -248,7 +248,7 @@ class Api:
         if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
             config = text_only(state.tokenizer, config)
         seeds = choice_seeds(resolve_seed(body.seed), body.n)
-        return self.submit(body.n, H.make_prepare(state.model, markup, config, body, seeds),
+        return self.submit(body.n, handlers.make_prepare(state.model, markup, config, body, seeds),
                            rounds=body.stream)
 
     async def completions(self, request, body):
@@ -353,15 +353,15 @@ class Run:
 
     def __init__(self, state: ServerState, body, job: Job, id_prefix: str):
         self.state, self.body, self.job = state, body, job
-        self.rid, self.created = H.new_id(id_prefix)
-        self.choices: list[H.Choice] = []
+        self.rid, self.created = handlers.new_id(id_prefix)
+        self.choices: list[handlers.Choice] = []
         self.stats: list[dict | None] = [None] * body.n
 
-    def _finish_choice(self, index: int, result) -> tuple[H.Choice, str]:
+    def _finish_choice(self, index: int, result) -> tuple[handlers.Choice, str]:
         """The choice's final region text; its stats recorded."""
         ch = self.choices[index]
         text = ch.done(result)
-        self.stats[index] = H.row_stats(result, ch.holes, self.job.admitted - self.job.arrived,
+        self.stats[index] = handlers.row_stats(result, ch.holes, self.job.admitted - self.job.arrived,
                                         time.monotonic() - self.job.admitted)
         return ch, text
 
@@ -386,16 +386,16 @@ class CompletionRun(Run):
     def _start(self, plans) -> None:
         for plan in plans:
             start, end = plan.spans[0]
-            self.choices.append(H.Choice(self.state.tokenizer, plan, start, end, drop_space=plan.space_moved))
+            self.choices.append(handlers.Choice(self.state.tokenizer, plan, start, end, drop_space=plan.space_moved))
 
     def _done(self, index: int, result) -> str:
         return self._finish_choice(index, result)[1]
 
     def _chunk(self, index, text, finish=None, **extra) -> dict:
-        return H.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
+        return handlers.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
 
     def _logprobs(self, index):
-        return H.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
+        return handlers.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
 
     async def answer(self) -> JSONResponse:
         texts = await self._results()
@@ -403,7 +403,7 @@ class CompletionRun(Run):
                     "asarm": self.stats[i]} for i in range(self.body.n)]
         return JSONResponse({"id": self.rid, "object": "text_completion", "created": self.created,
                              "model": self.state.model_name, "choices": choices,
-                             "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
+                             "usage": handlers.usage(self.choices), "asarm": handlers.totals(self.stats)})
 
     async def stream(self, first, rest):
         try:
@@ -414,24 +414,24 @@ class CompletionRun(Run):
                     index, event = payload
                     piece = self.choices[index].take(event)
                     if piece:
-                        yield H.sse(self._chunk(index, piece))
+                        yield handlers.sse(self._chunk(index, piece))
                 elif kind == "done":
                     index = payload[0]
                     ch = self.choices[index]
                     tail = self._done(*payload)[ch.emitted:]
-                    yield H.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index],
+                    yield handlers.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index],
                                             **({"logprobs": self._logprobs(index)} if self.body.logprobs is not None else {})))
             final = {"id": self.rid, "object": "text_completion", "created": self.created,
-                     "model": self.state.model_name, "choices": [], "usage": H.usage(self.choices),
-                     "asarm": H.totals(self.stats)}
-            yield H.sse(final)
+                     "model": self.state.model_name, "choices": [], "usage": handlers.usage(self.choices),
+                     "asarm": handlers.totals(self.stats)}
+            yield handlers.sse(final)
         except Exception as exc:  # noqa: BLE001 - the stream has started: the error is an event
             if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
                 log.exception("a completion stream failed")
             yield error_event(exc)
         finally:
             await rest.aclose()  # the job is cancelled at once if the client went away
-        yield H.sse("[DONE]")
+        yield handlers.sse("[DONE]")
 
 
 class InfillRun(Run):
@@ -444,16 +444,16 @@ class InfillRun(Run):
         tok = self.state.tokenizer
         out = []
         for i, plan in enumerate(plans):
-            choice = H.Choice(tok, plan, 0, len(plan.input_ids))
+            choice = handlers.Choice(tok, plan, 0, len(plan.input_ids))
             self.choices.append(choice)
-            pieces = [{"text": "" if m else H.decode(tok, [t]), "hidden": m}
+            pieces = [{"text": "" if m else handlers.decode(tok, [t]), "hidden": m}
                       for t, m in zip(plan.input_ids.tolist(), plan.masked.tolist())]
             out.append({"index": i, "tokens": pieces, "holes": choice.holes})
         return {"object": "infill.start", "id": self.rid, "model": self.state.model_name, "choices": out}
 
     def _done(self, index: int, result) -> dict:
         ch, text = self._finish_choice(index, result)
-        holes = [dict(h, text=H.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
+        holes = [dict(h, text=handlers.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
                  for h in ch.holes]
         out = {"index": index, "text": text, "holes": holes, "finish_reason": "stop", "asarm": self.stats[index]}
         if self.body.logprobs:
@@ -466,33 +466,33 @@ class InfillRun(Run):
         piece = self.choices[index].take(event)
         return {"object": "infill.round", "index": index, "round": event.round, "nfe": event.nfe,
                 "positions": list(event.positions), "tokens": [int(t) for t in event.tokens],
-                "texts": [H.decode(tok, [int(t)]) for t in event.tokens], "resampled": event.resampled,
+                "texts": [handlers.decode(tok, [int(t)]) for t in event.tokens], "resampled": event.resampled,
                 "text": piece}
 
     async def answer(self) -> JSONResponse:
         choices = await self._results()
         return JSONResponse({"id": self.rid, "object": "infill", "created": self.created,
                              "model": self.state.model_name, "choices": choices,
-                             "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
+                             "usage": handlers.usage(self.choices), "asarm": handlers.totals(self.stats)})
 
     async def stream(self, first, rest):
         try:
             async for kind, payload in _chain(first, rest):
                 if kind == "start":
-                    yield H.sse(self._start(payload))
+                    yield handlers.sse(self._start(payload))
                 elif kind == "round":
-                    yield H.sse(self._round(*payload))
+                    yield handlers.sse(self._round(*payload))
                 elif kind == "done":
-                    yield H.sse(dict(self._done(*payload), object="infill.done"))
-            yield H.sse({"object": "infill.end", "id": self.rid, "usage": H.usage(self.choices),
-                         "asarm": H.totals(self.stats)})
+                    yield handlers.sse(dict(self._done(*payload), object="infill.done"))
+            yield handlers.sse({"object": "infill.end", "id": self.rid, "usage": handlers.usage(self.choices),
+                         "asarm": handlers.totals(self.stats)})
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
                 log.exception("an infill stream failed")
             yield error_event(exc)
         finally:
             await rest.aclose()  # the job is cancelled at once if the client went away
-        yield H.sse("[DONE]")
+        yield handlers.sse("[DONE]")
 
 
 async def score_answer(state: ServerState, ids, hidden, job: Job) -> JSONResponse:
@@ -502,7 +502,7 @@ async def score_answer(state: ServerState, ids, hidden, job: Job) -> JSONRespons
             result = payload
     n = int(result.num_tokens)
     lp = result.token_log_probs.tolist()
-    tokens = [{"position": p, "text": H.decode(state.tokenizer, [int(ids[p])]), "logprob": lp[p]}
+    tokens = [{"position": p, "text": handlers.decode(state.tokenizer, [int(ids[p])]), "logprob": lp[p]}
               for p in hidden.nonzero().flatten().tolist()]
     nll = -float(result.log_prob)
     return JSONResponse({"object": "score", "model": state.model_name, "log_prob": -nll, "num_tokens": n,
