@@ -47,7 +47,7 @@ def match_state_dict(model: ASARM, state: dict[str, torch.Tensor], source: str) 
 
 
 def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=None, dtype=None,
-               mask_token_id: int | None = None, quantize: str | None = None) -> ASARM:
+               mask_token_id: int | None = None, quantize: str | None = None, fast_path: bool | None = None) -> ASARM:
     """An ``ASARM`` in eval mode from a directory, shipped short name or hub id.
 
     ``mask_token_id`` defaults to the tokenizer's mask token when the checkpoint has tokenizer
@@ -55,12 +55,13 @@ def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=N
     the activations' dtype, a torch dtype or "fp32"/"float32"/"bf16"/"bfloat16"/"fp16"; None
     means fp32 (16-bit checkpoints are upcast), or bf16 on CPU for an int8 model.
     ``quantize``: None or "int8" (weight-only int8 per output channel; an int8 checkpoint loads
-    as int8 without it). ``device``: None means CUDA when available, else CPU. The tokenizer
+    as int8 without it). ``device``: None means CUDA when available, else CPU. ``fast_path``:
+    inference through the fast pass (``asarm.fastpass``; None: on for CPUs). The tokenizer
     (or None) is attached as ``model.tokenizer`` and the source directory as
     ``model.name_or_path``.
     """
     return ASARM.from_pretrained(name_or_path, revision=revision, device=device, dtype=dtype,
-                                 mask_token_id=mask_token_id, quantize=quantize)
+                                 mask_token_id=mask_token_id, quantize=quantize, fast_path=fast_path)
 
 
 def save_model(model: ASARM, directory: str | Path, tokenizer=None, dtype=None,

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpass
 from . import quantize as quant
 from . import storage
 from .config import ASARMConfig
@@ -195,6 +196,9 @@ class ASARM(nn.Module):
         # In eval mode on CPU, store fp32 weight matrices [in, out], the orientation fp32 multiplies
         # fastest by (see ``_relayout``); False keeps the plain layout (for comparisons).
         self.fast_layout = True
+        self._fast_pass = None  # a fastpass.FastPass while ``use_fast_path`` is on (inference only)
+        self._fast_pass_wanted = False
+        self.register_load_state_dict_post_hook(lambda module, keys: module._rebuild_fast_pass())
         self.reset_parameters()
         if config.quantization is not None:
             quant.quantize_model(self, config.quantization, empty=True)
@@ -261,13 +265,37 @@ class ASARM(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self._relayout()
+        if hasattr(self, "_fast_pass_wanted"):
+            self._rebuild_fast_pass()
         return self
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if hasattr(self, "fast_layout"):
             self._relayout()
+            self._rebuild_fast_pass()
         return self
+
+    # --- the fast inference pass ------------------------------------------------------------------
+    def use_fast_path(self, enabled: bool = True, warn: bool = True) -> "ASARM":
+        """Run inference passes (eval mode, no gradients) through ``fastpass.FastPass``:
+        prepacked weights, fused projections, padding rows dropped once per pass. Same logits to
+        float rounding; eager stays in use for training and anything that needs gradients. The
+        packed weights are rebuilt when the parameters change through ``load_state_dict`` or
+        ``.to``; after editing parameters in place, call ``use_fast_path()`` again."""
+        self._fast_pass_wanted = bool(enabled)
+        self._rebuild_fast_pass(warn)
+        return self
+
+    @property
+    def fast_path(self) -> bool:
+        """True while inference passes run through the fast pass."""
+        return self._fast_pass is not None
+
+    def _rebuild_fast_pass(self, warn: bool = True) -> None:
+        self._fast_pass = None
+        if self._fast_pass_wanted and not self.training and self.device.type != "meta":
+            self._fast_pass = fastpass.build(self, masked_score(self.dtype), warn)
 
     # --- relative positions ---------------------------------------------------------------------
     def relative_table(self, span: int) -> list[torch.Tensor]:
@@ -305,6 +333,9 @@ class ASARM(nn.Module):
         a prefix of the new rows. ``rel_table``: ``relative_table(span)`` for a span covering
         every position (computed here when missing or too short).
         """
+        if self._fast_pass is not None and not torch.is_grad_enabled():
+            return self._fast_pass.forward_rows(content_ids, content_pos, content_rank, query_pos, query_rank,
+                                                cache, rel_table)
         if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
             content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
             content_rank = torch.full_like(content_pos, NO_KEY)
@@ -392,7 +423,7 @@ class ASARM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, mask_token_id=None,
-                        quantize=None):
+                        quantize=None, fast_path=None):
         """An ``ASARM`` in eval mode from a directory, shipped short name or hub id.
 
         ``mask_token_id`` defaults to the tokenizer's mask token when the checkpoint has tokenizer
@@ -400,8 +431,10 @@ class ASARM(nn.Module):
         the activations' dtype, a torch dtype or "fp32"/"bf16"/"fp16"; None means fp32 (16-bit
         checkpoints are upcast), or bf16 for an int8 model. ``quantize="int8"`` quantizes a float
         checkpoint's weights (see ``asarm.quantize``); an int8 checkpoint loads as int8 by
-        itself. ``device``: None means CUDA when available, else CPU. The tokenizer (or None)
-        is attached as ``model.tokenizer``, the source directory as ``model.name_or_path``.
+        itself. ``device``: None means CUDA when available, else CPU. ``fast_path``: run
+        inference through ``fastpass.FastPass`` (None: on for CPUs, where it was measured; see
+        ``use_fast_path``). The tokenizer (or None) is attached as ``model.tokenizer``, the
+        source directory as ``model.name_or_path``.
         """
         from .devices import resolve_device, resolve_dtype
         from .tokenization import load_tokenizer, mask_token_id as tokenizer_mask_id
@@ -430,6 +463,7 @@ class ASARM(nn.Module):
             dtype = torch.bfloat16 if int8 and device.type == "cpu" else torch.float32
         model.to(device=device, dtype=dtype)
         model.eval()
+        model.use_fast_path(device.type == "cpu" if fast_path is None else fast_path)
         model.tokenizer = tokenizer
         model.name_or_path = str(directory)
         return model
