@@ -293,6 +293,35 @@ def add_lazy_command(sub, name: str) -> None:
         add_threads_argument(parser)
 
 
+def add_score_parser(sub) -> None:
+    p = sub.add_parser("score", help="exact log-likelihood of [[marked]] spans given the rest, in one pass",
+                       description="Score the spans written [[like this]] given the rest of the text (the "
+                                   "whole text if none is marked): total and per-token NLL, perplexity.")
+    p.add_argument("text", nargs="?", help="text, or '-' for standard input")
+    p.add_argument("--file", default=None)
+    p.add_argument("--order", default="left-to-right", help="left-to-right, random or comma-separated positions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", action="store_true", help="also print every scored token's NLL")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_score)
+
+
+def add_length_prior_parser(sub) -> None:
+    p = sub.add_parser("length-prior", help="measure a [MASK] length prior on your text (for --length-prior)",
+                       description="Count the token lengths of the lines, sentences or paragraphs of FILEs with the "
+                                   "model's tokenizer and write the prior over hole lengths 1..--max-hole as a JSON list "
+                                   "(add-one smoothed) for `asarm infill --length-prior`. With small models this prior "
+                                   "carries nearly all the information about a hole's length.")
+    p.add_argument("files", nargs="+", help="UTF-8 text files like the text you will fill ('-' for stdin)")
+    p.add_argument("--unit", default="sentence", choices=["line", "sentence", "paragraph"],
+                   help="what one hole holds (default sentence; line for code)")
+    p.add_argument("--max-hole", type=int, default=32, help="longest length (default 32, as infill's [MASK])")
+    p.add_argument("--smoothing", type=float, default=1.0, help="added to every length's count (default 1)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: standard output)")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_length_prior)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command`` given, only that lazy subcommand's module is imported
     (the others get a placeholder that only lists them in --help). "" imports none."""
@@ -323,19 +352,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)
 
-    p = sub.add_parser("length-prior", help="measure a [MASK] length prior on your text (for --length-prior)",
-                       description="Count the token lengths of the lines, sentences or paragraphs of FILEs with the "
-                                   "model's tokenizer and write the prior over hole lengths 1..--max-hole as a JSON list "
-                                   "(add-one smoothed) for `asarm infill --length-prior`. With small models this prior "
-                                   "carries nearly all the information about a hole's length.")
-    p.add_argument("files", nargs="+", help="UTF-8 text files like the text you will fill ('-' for stdin)")
-    p.add_argument("--unit", default="sentence", choices=["line", "sentence", "paragraph"],
-                   help="what one hole holds (default sentence; line for code)")
-    p.add_argument("--max-hole", type=int, default=32, help="longest length (default 32, as infill's [MASK])")
-    p.add_argument("--smoothing", type=float, default=1.0, help="added to every length's count (default 1)")
-    p.add_argument("--out", default=None, help="write the JSON here (default: standard output)")
-    add_model_arguments(p)
-    p.set_defaults(func=cmd_length_prior)
+    add_length_prior_parser(sub)
 
     p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)",
                        description="Continue a prompt by --length tokens. " + note)
@@ -348,16 +365,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("score", help="exact log-likelihood of [[marked]] spans given the rest, in one pass",
-                       description="Score the spans written [[like this]] given the rest of the text (the "
-                                   "whole text if none is marked): total and per-token NLL, perplexity.")
-    p.add_argument("text", nargs="?", help="text, or '-' for standard input")
-    p.add_argument("--file", default=None)
-    p.add_argument("--order", default="left-to-right", help="left-to-right, random or comma-separated positions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", action="store_true", help="also print every scored token's NLL")
-    add_model_arguments(p)
-    p.set_defaults(func=cmd_score)
+    add_score_parser(sub)
 
     p = sub.add_parser("models", help="list the shipped models: size, length limit, training data")
     p.set_defaults(func=cmd_models)
