@@ -14,7 +14,7 @@ per token on the first WikiText-2 test chunks (128 tokens, 95% hidden; the eval 
   k-lookahead   k lookahead queries instead of k - 1
 
 Each policy is a ``Proposer`` (the seam in ``asarm.sampling.proposers``), registered under its
-own draft name for the run and used with the bonus query (which is what one-pass rounds are).
+own draft name for the run (``asarm.sampling.config.PROPOSERS``).
 """
 
 from __future__ import annotations
@@ -25,27 +25,28 @@ import torch
 
 import asarm
 from asarm.evaluation import wikitext
-from asarm.sampling import draw, proposers
+from asarm.sampling import draw
+from asarm.sampling.config import PROPOSERS, ProposerInfo
 from asarm.sampling.proposers import Block, OnePassDraft
 
 
 class DraftPassAfterRejection(OnePassDraft):
-    def carry(self, leftover, checked, extra):
-        return None if leftover is not None else super().carry(leftover, checked, extra)
+    def carry(self, view, leftover, checked, extra):
+        return None if leftover is not None else super().carry(view, leftover, checked, extra)
 
 
 class RedrawAfterRejection(OnePassDraft):
-    def carry(self, leftover, checked, extra):
+    def carry(self, view, leftover, checked, extra):
         if leftover is None:
-            return super().carry(leftover, checked, extra)
-        u = torch.rand(len(checked), generator=self.row.generator, dtype=torch.float64)
+            return super().carry(view, leftover, checked, extra)
+        u = torch.rand(len(checked), generator=view.generator, dtype=torch.float64)
         redrawn = Block(draw(checked, u.to(checked.device)).tolist(), checked)
-        return super().carry(redrawn, checked, extra)
+        return super().carry(view, redrawn, checked, extra)
 
 
 class KLookahead(OnePassDraft):
-    def lookahead(self, block):
-        return block
+    def oracle_extras(self, view, block):
+        return True, view.block_size
 
 
 POLICIES = {"keep": OnePassDraft, "draft-pass": DraftPassAfterRejection, "redraw": RedrawAfterRejection,
@@ -55,9 +56,8 @@ POLICIES = {"keep": OnePassDraft, "draft-pass": DraftPassAfterRejection, "redraw
 def passes_per_token(model, examples, k: int, name: str) -> float:
     nfe = tokens = 0
     for e in examples:
-        # a lookahead proposer with the bonus query is a one-pass round
         res = asarm.sample(model, torch.tensor(e.ids), torch.tensor(e.hidden), method="assd", draft=name, k=k,
-                           bonus=True, seed=e.index)
+                           seed=e.index)
         nfe += int(res.nfe)
         tokens += sum(e.hidden)
     return nfe / tokens
@@ -74,7 +74,7 @@ def main() -> None:
     examples = wikitext.WikiTextTask(model, length=128, evaluator="self").examples(args.chunks)
     print(f"{args.model}, first {len(examples)} WikiText-2 test chunks, 95% hidden, one-pass ASSD, k = {args.k}")
     for name, policy in POLICIES.items():
-        proposers.PROPOSERS[f"one-pass-{name}"] = policy  # registration: the draft name selects the class
+        PROPOSERS[f"one-pass-{name}"] = ProposerInfo(policy, f"one-pass {name}")  # the draft name selects it
         ppt = passes_per_token(model, examples, args.k, f"one-pass-{name}")
         print(f"{name:12s} {ppt:.3f} passes per token", flush=True)
 

@@ -119,7 +119,7 @@ def test_score_equals_library(client):
     assert r.status_code == 200, r.text
     body = r.json()
     model = shipped_model()
-    from asarm.scoring import parse_scored_text
+    from asarm.text import parse_scored_text
 
     ids, hidden = parse_scored_text(model.tokenizer, "The cat [[sat on]] the mat.")
     ref = asarm.score(model, ids, hidden, seed=0)

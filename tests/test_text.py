@@ -11,7 +11,7 @@ from conftest import tiny_model
 import asarm
 import asarm.sampling
 from asarm.errors import InputError
-from asarm.scoring import parse_scored_text
+from asarm.text import parse_scored_text
 from asarm.text import Hole, fill_text, infill, parse_infill, parse_markup, split_markup, stream_infill
 from asarm.tokenization import decode, decode_text, encode, train_tokenizer
 

@@ -30,8 +30,6 @@ from .storage import (  # noqa: F401  (public names kept where they always were)
 )
 from . import storage
 
-DEFAULT_MASK_TOKEN_ID = 6
-
 
 def match_state_dict(model: ASARM, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """``state`` renamed/checked against ``model``: tied ``lm_loss.weight`` optional, HF buffers

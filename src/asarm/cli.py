@@ -4,7 +4,7 @@ User mistakes (bad markup, a missing checkpoint, bad options, input that is not 
 line and exit with code 2; anything else is a bug and keeps its traceback.
 
 Start-up is kept short: this module and ``cli_args`` import no torch, and the subcommands that
-live in heavier modules (score, train, eval, bench) are imported only when they are used, so
+live in heavier modules (train, eval, bench, quantize, serve) are imported only when they are used, so
 ``asarm --help``, ``asarm models`` and argument errors answer at once.
 """
 
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from .cli_args import (SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
-                       add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads)
+                       add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads,
+                       sampling_options)
 from .errors import ASARMError, InputError
 
 # Subcommands defined in modules that import torch. `asarm --help` lists them from this table;
 # their real parsers are built only when the command is named (tests check the help texts match).
 LAZY_COMMANDS = {
-    "score": ("scoring", "exact log-likelihood of [[marked]] spans given the rest, in one pass"),
     "train": ("train", "train or fine-tune an AS-ARM (the paper's joint objective)"),
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
@@ -59,27 +59,6 @@ def version() -> str:
     from . import __version__
 
     return __version__
-
-
-def sampling_options(args) -> dict:
-    """The ``sample`` arguments of a command line: one ``DecodeConfig`` plus order and seed."""
-    from .sampling import DecodeConfig
-
-    order = args.order
-    if order not in ("left-to-right", "random"):
-        try:
-            order = [int(x) for x in order.split(",")]
-        except ValueError:
-            raise InputError(f"--order must be left-to-right, random or comma-separated positions, got {order!r}") from None
-    greedy, temperature = args.greedy, args.temperature
-    if temperature == 0:  # the usual CLI convention: temperature 0 is argmax decoding
-        greedy, temperature = True, 1.0
-    elif not temperature > 0 or temperature == float("inf"):
-        raise InputError(f"--temperature must be > 0, got {args.temperature} (0 or --greedy: argmax decoding)")
-    config = DecodeConfig(method=args.method, draft=args.draft, k=args.k, temperature=temperature, greedy=greedy,
-                          top_k=args.top_k, top_p=args.top_p, cache=not args.no_cache, bonus=args.bonus,
-                          one_pass=args.one_pass, adaptive_k=args.adaptive_k)
-    return dict(config=config, order=order, seed=args.seed)
 
 
 def print_stats(result, elapsed: float) -> None:
@@ -186,6 +165,35 @@ def cmd_length_prior(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    import math
+
+    import torch
+
+    from .scoring import score
+    from .text import parse_scored_text
+    from .tokenization import decode
+
+    model = load_cli_model(args)
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer files; score token ids with asarm.score() instead")
+    ids, hidden = parse_scored_text(model.tokenizer, read_text(args))
+    if len(ids) == 0:
+        raise InputError("nothing to score: the text is empty")
+    order = args.order if args.order in ("left-to-right", "random") else [int(x) for x in args.order.split(",")]
+    res = score(model, ids, hidden, order=order, seed=args.seed)
+    n = int(res.num_tokens)
+    nll = -float(res.log_prob)
+    print(f"tokens scored: {n}")
+    print(f"total NLL: {nll:.4f} nats ({nll / math.log(2):.4f} bits)")
+    print(f"NLL per token: {nll / max(n, 1):.4f} nats; perplexity: {math.exp(nll / max(n, 1)):.3f}")
+    if args.tokens:
+        for pos in torch.nonzero(hidden).flatten().tolist():
+            piece = decode(model.tokenizer, [int(ids[pos])])
+            print(f"{pos:6d} {-float(res.token_log_probs[pos]):9.4f}  {piece!r}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     if args.length < 1:
         raise InputError(f"--length must be >= 1, got {args.length}")
@@ -286,6 +294,35 @@ def add_lazy_command(sub, name: str) -> None:
         add_threads_argument(parser)
 
 
+def add_score_parser(sub) -> None:
+    p = sub.add_parser("score", help="exact log-likelihood of [[marked]] spans given the rest, in one pass",
+                       description="Score the spans written [[like this]] given the rest of the text (the "
+                                   "whole text if none is marked): total and per-token NLL, perplexity.")
+    p.add_argument("text", nargs="?", help="text, or '-' for standard input")
+    p.add_argument("--file", default=None)
+    p.add_argument("--order", default="left-to-right", help="left-to-right, random or comma-separated positions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", action="store_true", help="also print every scored token's NLL")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_score)
+
+
+def add_length_prior_parser(sub) -> None:
+    p = sub.add_parser("length-prior", help="measure a [MASK] length prior on your text (for --length-prior)",
+                       description="Count the token lengths of the lines, sentences or paragraphs of FILEs with the "
+                                   "model's tokenizer and write the prior over hole lengths 1..--max-hole as a JSON list "
+                                   "(add-one smoothed) for `asarm infill --length-prior`. With small models this prior "
+                                   "carries nearly all the information about a hole's length.")
+    p.add_argument("files", nargs="+", help="UTF-8 text files like the text you will fill ('-' for stdin)")
+    p.add_argument("--unit", default="sentence", choices=["line", "sentence", "paragraph"],
+                   help="what one hole holds (default sentence; line for code)")
+    p.add_argument("--max-hole", type=int, default=32, help="longest length (default 32, as infill's [MASK])")
+    p.add_argument("--smoothing", type=float, default=1.0, help="added to every length's count (default 1)")
+    p.add_argument("--out", default=None, help="write the JSON here (default: standard output)")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_length_prior)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command`` given, only that lazy subcommand's module is imported
     (the others get a placeholder that only lists them in --help). "" imports none."""
@@ -316,19 +353,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)
 
-    p = sub.add_parser("length-prior", help="measure a [MASK] length prior on your text (for --length-prior)",
-                       description="Count the token lengths of the lines, sentences or paragraphs of FILEs with the "
-                                   "model's tokenizer and write the prior over hole lengths 1..--max-hole as a JSON list "
-                                   "(add-one smoothed) for `asarm infill --length-prior`. With small models this prior "
-                                   "carries nearly all the information about a hole's length.")
-    p.add_argument("files", nargs="+", help="UTF-8 text files like the text you will fill ('-' for stdin)")
-    p.add_argument("--unit", default="sentence", choices=["line", "sentence", "paragraph"],
-                   help="what one hole holds (default sentence; line for code)")
-    p.add_argument("--max-hole", type=int, default=32, help="longest length (default 32, as infill's [MASK])")
-    p.add_argument("--smoothing", type=float, default=1.0, help="added to every length's count (default 1)")
-    p.add_argument("--out", default=None, help="write the JSON here (default: standard output)")
-    add_model_arguments(p)
-    p.set_defaults(func=cmd_length_prior)
+    add_length_prior_parser(sub)
 
     p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)",
                        description="Continue a prompt by --length tokens. " + note)
@@ -340,6 +365,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    add_score_parser(sub)
 
     p = sub.add_parser("models", help="list the shipped models: size, length limit, training data")
     p.set_defaults(func=cmd_models)

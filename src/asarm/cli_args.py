@@ -46,22 +46,45 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="assd", choices=["assd", "sequential"])
-    p.add_argument("--draft", default="self", choices=["self", "ngram"], help="ASSD draft (default self)")
-    p.add_argument("-k", type=int, default=5, help="ASSD draft block size (default 5)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default 1; "
-                   "0 means --greedy)")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (exact for ASSD too)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    """One flag per ``DecodeConfig`` field (``asarm.sampling.config``: help, choices and the
+    flag's spelling come from there), then the order and the seed."""
+    from .sampling.config import user_fields
+
+    for f in user_fields("cli"):
+        add_field_argument(p, f)
     p.add_argument("--order", default="left-to-right", help="left-to-right, random, or comma-separated positions")
     p.add_argument("--seed", type=int, default=None, help="integer seed: same seed, same output "
                    "(default: a fresh random seed)")
-    p.add_argument("--no-cache", action="store_true", help="full recompute every pass (reference baseline)")
-    p.add_argument("--bonus", action="store_true", help="ASSD: a bonus token when every draft of a round is accepted")
-    p.add_argument("--one-pass", action="store_true", help="ASSD self-draft: the oracle pass also drafts the "
-                   "next block, one pass per round (implies --bonus)")
-    p.add_argument("--adaptive-k", action="store_true", help="ASSD: grow k after accepted rounds, shrink it after rejections")
+
+
+def add_field_argument(p: argparse.ArgumentParser, f) -> None:
+    from .sampling.config import field_type
+
+    flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+    help_text = f.metadata.get("help")
+    if field_type(f) is bool:
+        action = "store_false" if f.default else "store_true"
+        p.add_argument(flag, dest=f.name, action=action, help=help_text)
+        return
+    choices = f.metadata.get("choices")
+    p.add_argument(flag, dest=f.name, type=field_type(f), default=f.default, help=help_text,
+                   choices=list(choices()) if choices else None)
+
+
+def sampling_options(args) -> dict:
+    """The ``sample`` arguments of a command line: one ``DecodeConfig`` plus order and seed."""
+    from .sampling.config import DecodeConfig, user_fields
+
+    order = args.order
+    if order not in ("left-to-right", "random"):
+        try:
+            order = [int(x) for x in order.split(",")]
+        except ValueError:
+            raise InputError(f"--order must be left-to-right, random or comma-separated positions, got {order!r}") from None
+    flags = {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-")) for f in user_fields("cli")}
+    config = DecodeConfig.from_user(flag=lambda name: flags.get(name, name),
+                                    **{name: getattr(args, name) for name in flags})
+    return dict(config=config, order=order, seed=args.seed)
 
 
 MAX_THREADS = 1024  # torch crashed (segfault) when asked for 100,000 threads

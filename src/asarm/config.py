@@ -21,6 +21,11 @@ MAX_SIZES = dict(vocab_size=2**22, d_model=2**16, n_layer=1024, n_head=1024, d_i
 MAX_PARAMETERS = 2 * 10**10
 
 
+# XLNet's SentencePiece vocabulary has `<mask>` at id 6: the mask token of a checkpoint that does
+# not name one (and of text encoded with a tokenizer that has none).
+DEFAULT_MASK_TOKEN_ID = 6
+
+
 @dataclasses.dataclass
 class ASARMConfig:
     vocab_size: int = 32000
@@ -37,8 +42,7 @@ class ASARMConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     # Not an XLNet field: the token that marks hidden positions and is never sampled.
-    # XLNet's SentencePiece vocabulary has `<mask>` at id 6.
-    mask_token_id: int = 6
+    mask_token_id: int = DEFAULT_MASK_TOKEN_ID
     # Longest sequence the model may be asked to handle. XLNet's relative positions have no
     # hard limit; None means "no limit", a number is enforced with a clear error.
     max_length: int | None = None

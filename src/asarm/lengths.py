@@ -151,6 +151,7 @@ def evidence_log_likelihoods(model, segments: Sequence[Sequence[int]], cells: Se
     Each cell is one row; rows go through ``model.chain_logits`` ``rows_per_pass`` at a time.
     """
     from .sampling import TargetDistribution, check_temperature
+    from .scoring import chain_log_probs
 
     check_factorization(factorization)
     check_temperature(temperature)
@@ -165,10 +166,7 @@ def evidence_log_likelihoods(model, segments: Sequence[Sequence[int]], cells: Se
         L = max(len(r[0]) for r in rows)
         ids = torch.tensor([r[0] + [0] * (L - len(r[0])) for r in rows], device=model.device)
         ranks = torch.tensor([r[1] + [-1] * (L - len(r[1])) for r in rows], device=model.device)
-        logits, query_pos, query_valid = model.chain_logits(ids, ranks)
-        logp = torch.log_softmax(target.logits(logits), -1)
-        picked = logp.gather(-1, ids.gather(1, query_pos)[..., None]).squeeze(-1).double()
-        picked = torch.where(query_valid, picked, torch.zeros_like(picked))
+        picked, _ = chain_log_probs(model, ids, ranks, target)
         out[start:start + len(rows)] = picked.sum(1).cpu()
     return out
 
@@ -226,14 +224,22 @@ def joint_posterior(model, segments, candidates, *, prior=None, temperature=1.0,
     if not keep:
         raise InputError("no candidate hole length fits the model's length limit (or has prior weight): "
                          "shorten the text or allow shorter holes")
-    scores = torch.full((len(cells),), -math.inf, dtype=torch.float64)
-    evidence = evidence_log_likelihoods(model, segments, [cells[i] for i in keep], temperature=temperature,
-                                        factorization=factorization)
-    scores[keep] = log_prior[keep] + evidence
-    result = cells, torch.softmax(scores, 0)
+    evidence = torch.zeros(len(cells), dtype=torch.float64)
+    evidence[keep] = evidence_log_likelihoods(model, segments, [cells[i] for i in keep], temperature=temperature,
+                                              factorization=factorization)
+    allowed = torch.zeros(len(cells), dtype=torch.bool)
+    allowed[keep] = True
+    result = cells, posterior_from_evidence(evidence, log_prior, allowed)
     if key is not None:
         budget.memo[key] = result
     return result
+
+
+def posterior_from_evidence(log_evidence: torch.Tensor, log_prior: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """p(cell | context) ∝ prior(cell) · p(context | cell) over the ``allowed`` cells, 0 elsewhere
+    (float64 [C]; log-evidence and log-prior per cell, the prior need not be normalised)."""
+    scores = torch.where(allowed, log_prior + log_evidence, torch.full_like(log_evidence, -math.inf))
+    return torch.softmax(scores, 0)
 
 
 def _marginal(cells, probs, hole: int, candidates: list[int]) -> list[float]:
@@ -244,12 +250,13 @@ def _marginal(cells, probs, hole: int, candidates: list[int]) -> list[float]:
 
 
 def _pick(probs: torch.Tensor, greedy: bool, generator: torch.Generator) -> int:
+    """The index of a cell drawn from ``probs`` (float64) with one uniform of ``generator``
+    (``asarm.sampling.draw``), or the most probable one when ``greedy``."""
+    from .sampling import draw
+
     if greedy:
         return int(torch.argmax(probs))
-    cdf = probs.cumsum(0)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
-    index = int(torch.searchsorted(cdf, u.view(1), right=True))
-    return min(index, int(torch.nonzero(probs).max()))  # u rounded up to the total: last with mass
+    return int(draw(probs, torch.rand((), generator=generator, dtype=torch.float64)))
 
 
 def choose_lengths(model, segments, holes, *, prior=None, temperature=1.0, greedy=False,

@@ -121,22 +121,24 @@ def cmd_merge(args) -> int:
 
 
 def _common_arguments(p) -> None:
-    from ..cli_args import add_model_arguments
+    from ..cli_args import add_field_argument, add_model_arguments
+    from ..sampling.config import METHODS, draft_names, user_fields
 
     add_model_arguments(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--seed", type=int, default=0, help="seed of the protocol and the samplers (default 0)")
-    p.add_argument("--method", default=None, choices=["all", "sequential", "assd"],
+    p.add_argument("--method", default=None, choices=["all", *METHODS],
                    help="decoding: all = sequential + ASSD self + ASSD n-gram (default for wikitext), "
                         "sequential, or assd (default otherwise)")
-    p.add_argument("--draft", default="self", choices=["self", "ngram", "both"], help="ASSD draft (default self)")
+    p.add_argument("--draft", default="self", choices=[*draft_names(), "both"],
+                   help="ASSD draft (default self; both: every listed draft)")
     p.add_argument("-k", type=int, default=5, help="ASSD draft block size (default 5, as the paper)")
     p.add_argument("--sweep-k", nargs="?", const="1,2,3,5,8", default=None, metavar="K,K,...",
                    help="run sequential + ASSD at each k (default list 1,2,3,5,8) and plot quality and "
                         "passes per token against k")
-    p.add_argument("--bonus", action="store_true", help="ASSD: bonus token after a fully accepted round")
-    p.add_argument("--one-pass", action="store_true", help="ASSD self-draft: one pass per round (implies the bonus)")
-    p.add_argument("--adaptive-k", action="store_true", help="ASSD: adapt k per row to the acceptance")
+    for f in user_fields("cli"):  # the ASSD variants, as `asarm infill` offers them
+        if f.name in ("bonus", "one_pass", "adaptive_k"):
+            add_field_argument(p, f)
     p.add_argument("--speedups", action="store_true", help="run sequential, plain ASSD and each faster exact "
                    "variant (bonus, one-pass, adaptive k, combined; n-gram with bonus) side by side")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -28,12 +28,10 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..sampling import DecodeConfig, config_label, speedup_configs  # noqa: F401  (re-exported)
+from ..sampling.config import DecodeConfig, config_label, draft_names, speedup_configs  # noqa: F401  (re-exported)
+from ..seeds import batch_seed, example_seed  # noqa: F401  (batch_seed re-exported)
 
-SWEEP_KS = (1, 2, 3, 5, 8)
 RECORD_GLOB = "records*.jsonl"
-# Fields of a record that vary from run to run (timing); everything else is reproducible.
-TIMING_FIELDS = ("elapsed_s", "batch_elapsed_s")
 
 
 @dataclasses.dataclass
@@ -53,10 +51,11 @@ def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, 
                    one_pass: bool = False, adaptive_k: bool = False) -> list[DecodeConfig]:
     """The configurations a run decodes with. ``method`` "all": sequential + ASSD self + ASSD
     n-gram (the paper's WikiText table). ``sweep``: sequential + ASSD (``draft``) at each k.
-    bonus / one_pass / adaptive_k apply to every ASSD configuration (one_pass: self drafts only)."""
+    bonus / one_pass / adaptive_k apply to every ASSD configuration (``DecodeConfig`` refuses
+    one_pass for a draft without a one-pass form)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"-k must be an integer >= 1, got {k!r}")
-    drafts = ("self", "ngram") if draft == "both" else (draft,)
+    drafts = draft_names() if draft == "both" else (draft,)
     if sweep:
         plan = [("sequential", "self", 1)] + [("assd", d, kk) for d in drafts for kk in sweep]
     elif method == "all":
@@ -67,8 +66,6 @@ def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, 
         plan = [("assd", d, k) for d in drafts]
     else:
         raise InputError(f"unknown method {method!r}: use all, sequential or assd")
-    if one_pass and any(m == "assd" and d != "self" for m, d, _ in plan):
-        raise InputError("--one-pass applies to self drafts only (n-gram rounds already take one pass); use --draft self")
     return [DecodeConfig(m, d, kk, bonus=bonus and m == "assd", one_pass=one_pass and m == "assd",
                          adaptive_k=adaptive_k and m == "assd") for m, d, kk in plan]
 
@@ -119,14 +116,9 @@ def shard_batches(batches: list[list[Example]], shard: tuple[int, int]) -> list[
     return [b for j, b in enumerate(batches) if j % n == i]
 
 
-def batch_seed(seed: int, first_index: int) -> int:
-    """Seed of the batch that starts at example ``first_index``: independent of sharding."""
-    return (int(seed) * 1_000_003 + first_index * 7919 + 12345) % (2**62)
-
-
 def example_generator(seed: int, index: int, salt: int = 0) -> torch.Generator:
     """A generator for per-example protocol randomness (e.g. which positions are hidden)."""
-    return torch.Generator().manual_seed((int(seed) * 2_654_435_761 + index * 40_503 + salt) % (2**62))
+    return torch.Generator().manual_seed(example_seed(seed, index, salt))
 
 
 # --- records --------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ them: exact-length rate, mean absolute error and mean posterior probability of t
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..lengths import FACTORIZATIONS, evidence_log_likelihoods, prior_from_counts
+from ..lengths import FACTORIZATIONS, evidence_log_likelihoods, posterior_from_evidence, prior_from_counts
 from .common import RECORD_GLOB, Example, RecordWriter, batch_seed, fit_infill, pad_batch, read_records, records_path
 
 PRIORS = ("uniform", "learned")
@@ -101,10 +100,10 @@ def choose(loglik: dict, prior: list[float], max_len: int, fits: list[bool]) -> 
 
 
 def posterior(loglik: list[float], prior: list[float] | None, fits: list[bool]) -> torch.Tensor:
+    """The length posterior from recorded evidence (``asarm.lengths.posterior_from_evidence``)."""
     ll = torch.tensor(loglik, dtype=torch.float64)
     lp = torch.zeros_like(ll) if prior is None else torch.tensor(prior, dtype=torch.float64).log()
-    ll = torch.where(torch.tensor(fits), ll + lp, torch.full_like(ll, -math.inf))
-    return torch.softmax(ll, 0)
+    return posterior_from_evidence(ll, lp, torch.tensor(fits))
 
 
 def run_example(task, model, index, pieces, lengths_wanted, max_len, seed, prior) -> dict:

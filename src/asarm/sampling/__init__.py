@@ -4,27 +4,47 @@ The target (docs/design.md, "Target distribution"): for the hidden positions in 
 prod_i target(logits_i), where ``target`` drops excluded tokens, applies the temperature and the
 optional top-k / top-p truncation (or argmax for greedy). Every sampler here draws that joint.
 
-Files, in the order data flows:
-  config.py     ``DecodeConfig``: every decoding option, validated; ``speedup_configs``
+Files, in the order data flows (docs/design.md, "One pass, in code"):
+  config.py     ``DecodeConfig`` and the proposer registry: the decoding schema (no torch)
   target.py     ``TargetDistribution``, exact inverse-CDF ``draw``, the ``residual``
-  verify.py     the pure batched speculative ``verify`` step
-  proposers.py  where drafts come from: self-draft pass, one-pass lookahead, n-gram; adaptive k
-  row.py        one sequence's state and the plan of its next pass
+  verification.py  the pure batched speculative ``verify`` step
+  drafts.py     ``NgramDrafter``: bigram/unigram proposals that cost no pass
+  proposers.py  where drafts come from (self-draft pass, one-pass lookahead, n-gram); adaptive k
+  row.py        one sequence's state, the plan of its next pass, ``SampleResult``
   engine.py     ``Engine``: shared passes, the exact cache, rows joining and leaving
   api.py        ``sample()``
+
+Names load on first use (PEP 562), so ``asarm.sampling.config`` imports without torch.
 """
 
-from .api import SampleResult, row_orders, sample
-from .checks import check_inputs, resolve_seed
-from .config import METHODS, DecodeConfig, check_temperature, config_label, speedup_configs
-from .engine import Engine, RowHandle, row_seed
-from .proposers import PROPOSERS, Block, Proposer
-from .row import RoundEvent
-from .target import TargetDistribution, draw, residual
-from .verify import Verdict, verify
+from __future__ import annotations
 
-DRAFTS = tuple(PROPOSERS)
+import importlib
 
-__all__ = ["sample", "SampleResult", "DecodeConfig", "speedup_configs", "config_label", "Engine", "RowHandle", "RoundEvent",
-           "TargetDistribution", "draw", "residual", "verify", "Verdict", "Proposer", "Block", "PROPOSERS",
-           "check_inputs", "check_temperature", "row_seed", "row_orders", "resolve_seed", "METHODS", "DRAFTS"]
+_LAZY = {
+    "sample": "api", "row_orders": "api", "SampleResult": "row", "RoundEvent": "row",
+    "DecodeConfig": "config", "speedup_configs": "config", "config_label": "config", "check_temperature": "config",
+    "METHODS": "config", "PROPOSERS": "config", "ProposerInfo": "config",
+    "Engine": "engine", "RowHandle": "engine", "row_seed": "checks",
+    "TargetDistribution": "target", "draw": "target", "residual": "target",
+    "verify": "verification", "Verdict": "verification", "Proposer": "proposers", "Block": "proposers", "RowView": "proposers",
+    "check_inputs": "checks", "resolve_seed": "checks",
+}
+
+__all__ = [*_LAZY, "DRAFTS"]
+
+
+def __getattr__(name):
+    if name == "DRAFTS":
+        from .config import draft_names
+
+        return draft_names()
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'asarm.sampling' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -74,30 +74,4 @@ def sample(model, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeC
         handles.append(engine.add(ids[b, :n], hid[b, :n].cpu(), config, seed=seed, row_index=b, order=row_order,
                                   on_round=on_round, return_logprobs=return_logprobs))
     engine.run()
-    return _collect(handles, ids, L, squeeze, return_logprobs, time.perf_counter() - start)
-
-
-def _collect(handles, ids, L, squeeze, return_logprobs, elapsed) -> SampleResult:
-    out = ids.detach().clone()
-    logprobs = torch.zeros(len(handles), L, dtype=torch.float64)
-    for b, h in enumerate(handles):
-        n = h.row.tokens.shape[0]
-        out[b, :n] = h.row.tokens.to(out.device)
-        logprobs[b, :n] = h.row.logprobs
-    rows = [h.row for h in handles]
-    result = SampleResult(
-        input_ids=out,
-        nfe=torch.tensor([r.nfe for r in rows]),
-        draft_calls=torch.tensor([r.draft_calls for r in rows]),
-        rounds=torch.tensor([r.rounds for r in rows]),
-        accepted=[r.accepted for r in rows],
-        token_logprobs=logprobs if return_logprobs else None,
-        elapsed=elapsed,
-    )
-    if squeeze:
-        result.input_ids = result.input_ids[0]
-        result.nfe, result.draft_calls, result.rounds = result.nfe[0], result.draft_calls[0], result.rounds[0]
-        result.accepted = result.accepted[0]
-        if return_logprobs:
-            result.token_logprobs = result.token_logprobs[0]
-    return result
+    return SampleResult.of_rows([h.row for h in handles], ids, return_logprobs, time.perf_counter() - start, squeeze)

@@ -3,11 +3,10 @@ vocabulary range, each with a specific message."""
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from ..errors import InputError
+from ..seeds import resolve_seed, row_seed  # noqa: F401  (the samplers' seeds, re-exported)
 
 
 def check_inputs(model, input_ids, masked, attention_mask=None, *, score_hidden=False) -> None:
@@ -44,11 +43,3 @@ def check_row(model, input_ids, masked) -> None:
     check_inputs(model, input_ids, masked)
     if input_ids.dim() != 1:
         raise InputError(f"an engine row is one sequence [L], got shape {tuple(input_ids.shape)}")
-
-
-def resolve_seed(seed) -> int:
-    if seed is None:
-        return random.SystemRandom().randrange(2**62)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    return seed

@@ -1,18 +1,67 @@
-"""``DecodeConfig``: every decoding option in one frozen, validated object.
+"""The decoding schema: ``DecodeConfig`` and the proposer registry, declared once.
 
-``sample()``, the engine, the CLI, ``asarm bench`` and ``asarm eval`` all take this one
-definition; ``speedup_configs`` is the one list of the faster exact ASSD variants.
+Everything else is derived from here: ``sample()`` and the engine take a ``DecodeConfig``; the
+command line's flags (``asarm.cli_args.add_sampling_arguments``), the server's request fields
+(``asarm.serve.schemas``) and evaluation's choices are built from its fields, their metadata
+(help, bounds) and the registry's names. So a new option is one field here, and a new draft
+type is one ``Proposer`` class plus one ``PROPOSERS`` line.
+
+This module imports no torch (``asarm --help`` reads it): the registry names each proposer's
+class by its import path, loaded when a row first needs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+from collections.abc import Callable
 
 from ..errors import InputError
-from .target import TargetDistribution
 
 METHODS = ("sequential", "assd")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposerInfo:
+    """One registry entry: where a draft type's drafts come from, and how it is described."""
+
+    cls: str | type  # "module:Class" relative to asarm.sampling (loaded on first use), or the class
+    label: str  # how tables name it: "ASSD self-draft, k=5"
+    help: str = ""
+    needs_pass: bool = True  # a draft pass before each verify pass (False: drafts cost no network pass)
+    lookahead: str | None = None  # the registry name of its one-pass form (``one_pass=True``), if any
+    listed: bool = True  # offered as a ``draft`` choice (one-pass is reached through ``one_pass``)
+
+    def load(self) -> type:
+        if not isinstance(self.cls, str):
+            return self.cls
+        module, name = self.cls.split(":")
+        return getattr(importlib.import_module(module, __package__), name)
+
+
+PROPOSERS: dict[str, ProposerInfo] = {
+    "self": ProposerInfo(".proposers:SelfDraft", "self-draft", "a draft pass of the model itself",
+                         lookahead="one-pass"),
+    "ngram": ProposerInfo(".proposers:NgramDraft", "n-gram draft", "bigram counts of the row's own text (no pass)",
+                          needs_pass=False),
+    "one-pass": ProposerInfo(".proposers:OnePassDraft", "self-draft", "self drafts carried out of the oracle pass",
+                             listed=False),
+}
+
+
+def draft_names() -> tuple[str, ...]:
+    """The ``draft`` choices: the listed registry names."""
+    return tuple(name for name, info in PROPOSERS.items() if info.listed)
+
+
+def option(default, help: str, **meta) -> dataclasses.Field:
+    """A DecodeConfig field with what the CLI and the server need to offer it: ``help``;
+    ``choices`` (a function: the registry may grow after import); bounds ``ge``/``gt``/``le``
+    (the server's limits; the config itself checks what sampling needs); ``flag`` (the CLI
+    spelling when not ``--field-name``); ``server=False`` / ``user=False`` to keep it off the
+    server / off both."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 def _is_int(x) -> bool:
@@ -27,32 +76,30 @@ def check_temperature(temperature) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """How to decode. ``method`` "sequential" (one pass per token) or "assd"; ``draft`` names a
-    registered proposer ("self", "ngram"); ``k`` the draft block size; ``temperature``/``greedy``/
-    ``top_k``/``top_p``/``suppress`` define the target distribution (applied identically to
-    drafts and oracle, so ASSD stays exact for it); ``bonus``/``one_pass``/``adaptive_k`` are the
-    faster exact ASSD variants; ``cache=False`` recomputes every pass (the reference baseline)."""
+    """How to decode: the sampler (``method``, ``draft``, ``k`` and the faster exact ASSD
+    variants) and the target distribution (``temperature``, ``greedy``, ``top_k``, ``top_p``,
+    ``suppress``; applied identically to drafts and oracle, so ASSD stays exact for it)."""
 
-    method: str = "assd"
-    draft: str = "self"
-    k: int = 5
-    temperature: float = 1.0
-    greedy: bool = False
-    top_k: int | None = None
-    top_p: float | None = None
-    bonus: bool = False
-    one_pass: bool = False
-    adaptive_k: bool = False
-    cache: bool = True
-    suppress: tuple[int, ...] = ()  # token ids never drawn (e.g. <unk>), besides the mask token
+    method: str = option("assd", "sequential: one pass per token; assd: speculative rounds (default assd)",
+                         choices=lambda: METHODS)
+    draft: str = option("self", "ASSD draft (default self)", choices=draft_names)
+    k: int = option(5, "ASSD draft block size (default 5)", ge=1, le=64, flag="-k")
+    temperature: float = option(1.0, "sampling temperature > 0 (default 1; 0 means greedy)", ge=0.0, le=100.0)
+    greedy: bool = option(False, "argmax decoding (exact for ASSD too)")
+    top_k: int | None = option(None, "keep the k most likely tokens", ge=1, le=1_000_000)
+    top_p: float | None = option(None, "nucleus sampling mass", gt=0.0, le=1.0)
+    bonus: bool = option(False, "ASSD: a bonus token when every draft of a round is accepted")
+    one_pass: bool = option(False, "ASSD self-draft: the oracle pass also drafts the next block, one pass per "
+                                   "round (implies the bonus)")
+    adaptive_k: bool = option(False, "ASSD: grow k after accepted rounds, shrink it after rejections")
+    cache: bool = option(True, "full recompute every pass (reference baseline)", flag="--no-cache", server=False)
+    suppress: tuple[int, ...] = option((), "token ids never drawn (e.g. <unk>), besides the mask token", user=False)
 
     def __post_init__(self):
-        from .proposers import PROPOSERS
-
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.draft not in PROPOSERS:
-            raise InputError(f"unknown draft {self.draft!r}: use one of {', '.join(PROPOSERS)}")
+            raise InputError(f"unknown draft {self.draft!r}: use one of {', '.join(draft_names())}")
         if not _is_int(self.k) or self.k < 1:
             raise InputError(f"k must be an integer >= 1, got {self.k!r}")
         check_temperature(self.temperature)
@@ -61,8 +108,9 @@ class DecodeConfig:
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
                                        or not 0 < self.top_p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.one_pass and (self.method != "assd" or not PROPOSERS[self.draft].supports_lookahead):
-            raise InputError("one_pass applies to method='assd' with draft='self' "
+        if self.one_pass and (self.method != "assd" or PROPOSERS[self.draft].lookahead is None):
+            raise InputError(f"one-pass rounds (one_pass) apply to method='assd' with a draft that has a one-pass "
+                             f"form: {', '.join(n for n in draft_names() if PROPOSERS[n].lookahead)} "
                              "(n-gram rounds already take one pass)")
         if not all(_is_int(t) and t >= 0 for t in self.suppress):
             raise InputError(f"suppress must be token ids, got {self.suppress!r}")
@@ -71,8 +119,27 @@ class DecodeConfig:
             object.__setattr__(self, flag, bool(getattr(self, flag)))
         object.__setattr__(self, "temperature", float(self.temperature))
 
+    @classmethod
+    def from_user(cls, flag: Callable[[str], str] = str, **options) -> DecodeConfig:
+        """A config from what a person typed (CLI flags, a request body): temperature 0 means
+        greedy decoding, the usual convention, and greedy decoding has no temperature (the
+        length posterior of a ``[MASK]`` hole is then scored at 1). ``flag`` spells an option's
+        name in messages (the CLI's "--temperature")."""
+        temperature = options.get("temperature", 1.0)
+        if temperature == 0 or options.get("greedy"):
+            options.update(temperature=1.0, greedy=True)
+        elif isinstance(temperature, (int, float)) and not temperature > 0 or temperature == math.inf:
+            raise InputError(f"{flag('temperature')} must be > 0, got {temperature} "
+                             f"(0 or {flag('greedy')}: argmax decoding)")
+        return cls(**options)
+
     def replace(self, **changes) -> DecodeConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def proposer(self) -> str:
+        """The registry name of the proposer a row drafts with."""
+        return PROPOSERS[self.draft].lookahead if self.one_pass else self.draft
 
     @property
     def max_k(self) -> int:
@@ -98,16 +165,31 @@ class DecodeConfig:
     def label(self) -> str:
         return config_label(self.method, self.draft, self.k, self.variants)
 
-    def target(self, mask_token_id: int) -> TargetDistribution:
+    def target(self, mask_token_id: int):
+        from .target import TargetDistribution
+
         return TargetDistribution(mask_token_id, self.temperature, self.greedy, self.top_k, self.top_p,
                                   self.suppress)
+
+
+def user_fields(where: str = "cli") -> list[dataclasses.Field]:
+    """The DecodeConfig fields a person sets, on the command line (``where="cli"``) or in a
+    request body (``"server"``)."""
+    return [f for f in dataclasses.fields(DecodeConfig)
+            if f.metadata.get("user", True) and (where != "server" or f.metadata.get("server", True))]
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """A field's value type (``int | None`` -> int), from its annotation."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {"int": int, "float": float, "str": str, "bool": bool}[kind.split("|")[0].strip()]
 
 
 def config_label(method: str, draft: str | None, k: int | None, variants=()) -> str:
     """Human label of a configuration (also for result records read back from JSON)."""
     if method == "sequential":
         return "sequential"
-    label = f"ASSD {'self-draft' if draft == 'self' else 'n-gram draft'}, k={k}"
+    label = f"ASSD {PROPOSERS[draft].label if draft in PROPOSERS else draft}, k={k}"
     return label + "".join(f" + {v}" for v in variants)
 
 

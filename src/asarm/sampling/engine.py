@@ -1,17 +1,19 @@
 """The engine: shared passes over every active row, rows joining and leaving between passes.
 
-One ``step`` is one network pass:
-  1. every row plans its pass (content rows to add, query rows to ask);
-  2. the plans are padded into one ``model.forward_rows`` call, with the exact cache;
-  3. on the model's device: target distributions, one draw per query row, and the batched
-     ``verify`` for rows checking drafts; only token ids, accept counts and per-token
-     probabilities cross to the host;
-  4. each row advances, and the cache commits per row the accepted prefix of its new rows.
+One ``step`` is one network pass (docs/design.md, "One pass, in code"):
+  1. plan: every row says what its pass computes (content rows to add, query rows to ask);
+  2. forward: the plans are padded into one ``model.forward_rows`` call, with the exact cache;
+  3. decide: on the model's device, target distributions, one draw per query row and the
+     batched ``verify`` for rows checking drafts, gathered in one ``Decisions`` that crosses
+     to the host once (token ids, accept counts, per-token probabilities);
+  4. advance: each row takes its ``Outcome``, and the cache commits per row the accepted
+     prefix of its new content rows.
 Rows that finish leave; new rows may be ``add``-ed before any step (continuous batching).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -21,17 +23,11 @@ from ..cache import ContentCache
 from ..errors import InputError
 from ..model import NO_KEY
 from ..ranks import decoding_order
-from .checks import check_row, resolve_seed
+from .checks import check_row, resolve_seed, row_seed
 from .config import DecodeConfig
 from .row import Outcome, Plan, RoundEvent, Row, SampleResult
 from .target import draw
-from .verify import verify
-
-
-def row_seed(seed: int, row: int) -> int:
-    """Row ``row`` of a call seeded with ``seed`` draws from its own stream, independent of the
-    batch it runs in: a torch.Generator seeded with this value."""
-    return (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+from .verification import Verdict, verify
 
 
 class RowHandle:
@@ -47,27 +43,68 @@ class RowHandle:
     def done(self) -> bool:
         return self.row.done
 
-    def result(self):
-        row = self.row
-        out = self.input_ids.clone()
-        out[: row.tokens.shape[0]] = row.tokens.to(out.device)
+    def result(self) -> SampleResult:
         end = self.finished if self.finished is not None else time.perf_counter()
-        return SampleResult(out, torch.tensor(row.nfe), torch.tensor(row.draft_calls), torch.tensor(row.rounds),
-                            list(row.accepted), row.logprobs.clone() if self.return_logprobs else None,
-                            end - self.started)
+        return SampleResult.of_rows([self.row], self.input_ids[None], self.return_logprobs, end - self.started,
+                                    squeeze=True)
+
+
+@dataclasses.dataclass
+class Decisions:
+    """A pass's decisions for the whole batch, on the model's device until ``outcomes``."""
+
+    drawn: torch.Tensor  # [B, Q] the token drawn from each query row's target (-1: not drawn)
+    drawn_prob: torch.Tensor  # [B, Q] its target probability
+    verdict: Verdict | None  # rows that verified drafts (None when no row did)
+
+    def outcomes(self, plans: list[Plan], probs: torch.Tensor) -> list[Outcome]:
+        """Per-row outcomes; the one device-to-host transfer of the pass."""
+        B, Q = self.drawn.shape
+        parts = [self.drawn.double(), self.drawn_prob]
+        if self.verdict is not None:
+            v = self.verdict
+            parts += [v.n_accepted.double()[:, None], v.next_token.double()[:, None], v.next_prob[:, None],
+                      v.draft_target_prob]
+        host = torch.cat(parts, dim=1).cpu().tolist()
+        outcomes = []
+        for b, plan in enumerate(plans):
+            vals, nq = host[b], len(plan.queries)
+            out = Outcome([int(t) for t in vals[:nq]], vals[Q : Q + nq], probs[b, :nq])
+            if plan.kind == "verify":
+                rest = vals[2 * Q :]
+                out.n_accepted, out.next_token, out.next_prob = int(rest[0]), int(rest[1]), rest[2]
+                out.draft_prob = rest[3 : 3 + len(plan.target_rows)]
+            outcomes.append(out)
+        return outcomes
+
+
+class PassTimer:
+    """Host-side timing of the passes (``asarm bench``'s columns). On CUDA it synchronizes
+    around every forward, which costs throughput: only a benchmark should install it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 class Engine:
-    """Owns the model's passes and the exact cache. Not thread-safe: one thread drives it."""
+    """Owns the model's passes and the exact cache. Not thread-safe: one thread drives it.
 
-    def __init__(self, model, cache: bool = True):
+    ``forward_seconds`` / ``step_seconds`` add up the host time of the passes; they are exact
+    on CUDA only with a ``PassTimer`` (``timer=``), which synchronizes the device."""
+
+    def __init__(self, model, cache: bool = True, timer: PassTimer | None = None):
         self.model, self.use_cache = model, bool(cache)
         self.device = model.device
+        self.timer = timer
         self.handles: list[RowHandle] = []
         self.cache: ContentCache | None = None
         self.rel_table, self.table_span = None, 0
         self.joining, self.capacity = 0, 0  # rows added since the last pass; cache slots per row
-        self.forward_seconds = self.step_seconds = 0.0  # for ``asarm bench``'s host-time column
+        self.forward_seconds = self.step_seconds = 0.0
 
     @property
     def active(self) -> int:
@@ -102,7 +139,7 @@ class Engine:
         """Drop an active row now; its cache slots are freed."""
         if handle in self.handles:
             handle.cancelled = True
-            self._keep([h for h in self.handles if h is not handle])
+            self._retain([h for h in self.handles if h is not handle])
 
     def run(self) -> None:
         while self.handles:
@@ -118,7 +155,8 @@ class Engine:
         rows = [h.row for h in self.handles]
         plans = [row.plan(self.use_cache) for row in rows]
         logits = self._forward(plans)
-        outcomes = self._decide(rows, plans, logits)
+        probs = self._target_probs(rows, logits)
+        outcomes = self._decide(rows, plans, probs).outcomes(plans, probs)
         kept = [row.advance(plan, out)[0] for row, plan, out in zip(rows, plans, outcomes)]
         if self.cache is not None:
             self.cache.commit(torch.tensor(kept))
@@ -127,8 +165,9 @@ class Engine:
             now = time.perf_counter()
             for h in finished:
                 h.finished = now
-            self._keep([h for h in self.handles if not h.row.done])
-        self._sync()
+            self._retain([h for h in self.handles if not h.row.done])
+        if self.timer is not None:
+            self.timer.sync()
         self.step_seconds += time.perf_counter() - start
         return finished
 
@@ -145,11 +184,13 @@ class Engine:
                 content[b, : len(plan.contents)] = torch.tensor(plan.contents, dtype=torch.long)
             query[b, : len(plan.queries)] = torch.tensor(plan.queries, dtype=torch.long)
         content, query = content.to(self.device), query.to(self.device)
-        self._sync()
+        if self.timer is not None:
+            self.timer.sync()
         start = time.perf_counter()
         logits = self.model.forward_rows(content[..., 1], content[..., 0], content[..., 2], query[..., 0],
                                          query[..., 1], cache=self.cache, rel_table=self.rel_table)
-        self._sync()
+        if self.timer is not None:
+            self.timer.sync()
         self.forward_seconds += time.perf_counter() - start
         return logits
 
@@ -164,21 +205,19 @@ class Engine:
             probs[idx] = t.probs(logits[idx]).double()
         return probs
 
-    def _decide(self, rows: list[Row], plans: list[Plan], logits: torch.Tensor) -> list[Outcome]:
+    def _decide(self, rows: list[Row], plans: list[Plan], probs: torch.Tensor) -> Decisions:
         """Draws and verification for the whole batch, on the model's device."""
-        B, Q, V = logits.shape
-        probs = self._target_probs(rows, logits)
+        B, Q, V = probs.shape
         K = max((len(p.target_rows) for p in plans), default=0)
         u_draw = torch.zeros(B, Q, dtype=torch.float64)
         u_accept = torch.zeros(B, max(K, 1), dtype=torch.float64)
         u_next = torch.zeros(B, dtype=torch.float64)
         need_draw = []  # flat indices of the query rows whose draw is used
         for b, (row, plan) in enumerate(zip(rows, plans)):
-            u = row.uniforms(plan, len(plan.target_rows))
+            u = row.uniforms(plan)
             nq = len(plan.queries)
             u_draw[b, :nq], u_accept[b, : len(plan.target_rows)], u_next[b] = u[:nq], u[nq:-1], u[-1]
-            first = 0 if plan.kind != "verify" else (plan.bonus_row if plan.bonus_row >= 0 else nq)
-            need_draw += range(b * Q + first, b * Q + nq)
+            need_draw += range(b * Q + plan.first_drawn, b * Q + nq)
         flat = torch.tensor(need_draw, dtype=torch.long, device=self.device)
         all_rows = len(need_draw) == B * Q
         chosen = probs.view(B * Q, V) if all_rows else probs.view(B * Q, V).index_select(0, flat)
@@ -187,22 +226,12 @@ class Engine:
         drawn_prob = torch.zeros(B * Q, dtype=torch.float64, device=self.device)
         drawn[flat] = tokens.double()
         drawn_prob[flat] = chosen.gather(-1, tokens[:, None]).squeeze(-1).double()
-        host = [drawn.view(B, Q), drawn_prob.view(B, Q)]
+        verdict = None
         if any(p.kind == "verify" for p in plans):
-            host += self._verify(rows, plans, probs, u_accept, u_next, K)
-        host = torch.cat([h.reshape(B, -1) for h in host], dim=1).cpu().tolist()
-        outcomes = []
-        for b, plan in enumerate(plans):
-            vals, nq = host[b], len(plan.queries)
-            out = Outcome([int(t) for t in vals[:nq]], vals[Q : Q + nq], probs[b, :nq])
-            if plan.kind == "verify":
-                rest = vals[2 * Q :]
-                out.n_accepted, out.next_token, out.next_prob = int(rest[0]), int(rest[1]), rest[2]
-                out.draft_prob = rest[3 : 3 + len(plan.target_rows)]
-            outcomes.append(out)
-        return outcomes
+            verdict = self._verify(rows, plans, probs, u_accept, u_next, K)
+        return Decisions(drawn.view(B, Q), drawn_prob.view(B, Q), verdict)
 
-    def _verify(self, rows, plans, probs, u_accept, u_next, K) -> list[torch.Tensor]:
+    def _verify(self, rows, plans, probs, u_accept, u_next, K) -> Verdict:
         """Pack the verifying rows' drafts and proposals for ``verify``; targets stay in place."""
         B, Q, V = probs.shape
         dev = self.device
@@ -227,11 +256,9 @@ class Engine:
             bonus_row[b], has_bonus[b] = max(plan.bonus_row, 0), plan.bonus_row >= 0
             draft_probs[b, :n] = row.block.probs
         bonus = probs.gather(1, bonus_row.to(dev)[:, None, None].expand(B, 1, V)).squeeze(1)
-        verdict = verify(tokens.to(dev), draft_probs, probs, n_drafts.to(dev), u_accept.to(dev), u_next.to(dev),
-                         target_rows=target_rows.to(dev), exact=exact.to(dev), bonus_probs=bonus,
-                         has_bonus=has_bonus.to(dev))
-        return [verdict.n_accepted.double(), verdict.next_token.double(), verdict.next_prob,
-                verdict.draft_target_prob]
+        return verify(tokens.to(dev), draft_probs, probs, n_drafts.to(dev), u_accept.to(dev), u_next.to(dev),
+                      target_rows=target_rows.to(dev), exact=exact.to(dev), bonus_probs=bonus,
+                      has_bonus=has_bonus.to(dev))
 
     # --- membership and memory -------------------------------------------------------------------
     def _make_room(self, length: int, max_k: int) -> None:
@@ -252,13 +279,10 @@ class Engine:
             self.cache.add_rows(self.joining, self.capacity)
             self.joining = 0
 
-    def _keep(self, handles: list[RowHandle]) -> None:
+    def _retain(self, handles: list[RowHandle]) -> None:
+        """Keep only ``handles`` (in order) as the active rows; the cache drops the others' slots."""
         self._grow()
         if self.cache is not None:
             index = [i for i, h in enumerate(self.handles) if h in handles]
             self.cache.select_rows(torch.tensor(index, dtype=torch.long, device=self.device))
         self.handles = handles
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

@@ -1,24 +1,46 @@
 """Proposers: where a row's draft blocks come from (in the spirit of HF's ``CandidateGenerator``).
 
-A proposer answers three questions for its row:
-  ``draft_queries(block)``  which query rows a *draft pass* needs before the block exists
-                            (none for proposers that need no network pass);
-  ``propose(block, drawn)`` the block of drafts, from that pass's draws or from elsewhere;
-  ``lookahead`` / ``carry`` optional: extra queries riding along in the oracle pass and the next
-                            block built from them (one-pass rounds);
-and hears ``observe(positions)`` when tokens are decoded. Any proposal keeps ASSD exact (the
-verify step corrects it); a good one only makes it faster. Adding a draft type is one class
-here plus one line in ``PROPOSERS``.
+A proposer sees its row only through a ``RowView`` (read-only, passed to every call) and answers:
+  ``draft_queries(view, block)``  the query rows of a *draft pass* (when its registry entry
+                                  says it needs one);
+  ``propose(view, block, drawn)`` the block of drafts, from that pass's draws or from elsewhere;
+  ``oracle_extras(view, block)``  which queries ride along in the oracle pass after the block:
+                                  the bonus query, and lookahead queries (one-pass rounds);
+  ``carry(view, ...)``            the next block built from those lookahead draws;
+and hears ``observe(view, positions)`` when tokens are decoded. Any proposal keeps ASSD exact
+(the verify step corrects it); a good one only makes it faster. Adding a draft type is one class
+here plus one line in ``asarm.sampling.config.PROPOSERS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
-from ..drafts import NgramDrafter
-from .target import draw
+from .config import PROPOSERS, DecodeConfig
+from .drafts import NgramDrafter
+from .target import TargetDistribution, draw
+
+
+@dataclasses.dataclass(frozen=True)
+class RowView:
+    """What a proposer may read of its row. The tensors are the row's own: read, never write."""
+
+    order: Sequence[int]  # the hidden positions in decoding order
+    n_decoded: int  # how many of them are decoded
+    block_size: int  # drafts wanted in the next block (adaptive k changes it)
+    tokens: torch.Tensor  # [L] CPU long; hidden positions hold the mask token until decoded
+    known: torch.Tensor  # [L] bool: visible or decoded
+    target: TargetDistribution
+    generator: torch.Generator  # the row's own random stream
+    device: torch.device  # where the model (and the target probabilities) live
+    vocab_size: int
+
+    @property
+    def n_left(self) -> int:
+        return len(self.order) - self.n_decoded
 
 
 @dataclasses.dataclass
@@ -45,28 +67,28 @@ class Drawn:
 
 
 class Proposer:
-    supports_lookahead = False
+    def __init__(self, view: RowView, config: DecodeConfig):
+        self.bonus = config.bonus
 
-    def __init__(self, row):
-        self.row = row
-
-    def draft_queries(self, block: int) -> list[tuple[int, int]]:
+    def draft_queries(self, view: RowView, block: int) -> list[tuple[int, int]]:
+        """(position, rank) of each query row of the draft pass."""
         return []
 
-    def propose(self, block: int, drawn: Drawn | None) -> Block:
+    def propose(self, view: RowView, block: int, drawn: Drawn | None) -> Block:
         raise NotImplementedError
 
-    def lookahead(self, block: int) -> int:
-        return 0
+    def oracle_extras(self, view: RowView, block: int) -> tuple[bool, int]:
+        """(query the position after the block, how many lookahead queries after that one)."""
+        return self.bonus, 0
 
-    def carry(self, leftover: Block | None, checked: torch.Tensor, extra: Drawn) -> Block | None:
+    def carry(self, view: RowView, leftover: Block | None, checked: torch.Tensor, extra: Drawn) -> Block | None:
         """The next block from an oracle pass: ``leftover`` are the drafts after a rejection
         (None after a full accept), ``checked`` [len(leftover), V] the target distributions of
         their verification queries (which saw the rejected draft), ``extra`` the draws of the
         bonus and lookahead queries."""
         return None
 
-    def observe(self, positions: list[int]) -> None:
+    def observe(self, view: RowView, positions: list[int]) -> None:
         pass
 
 
@@ -74,13 +96,11 @@ class SelfDraft(Proposer):
     """The paper's draft pass: the next block's positions queried together, each seeing only the
     visible and decoded tokens. The first query's conditional is exact, so its draft is too."""
 
-    supports_lookahead = True
+    def draft_queries(self, view, block):
+        n = view.n_decoded
+        return [(view.order[n + i], n + 1) for i in range(block)]
 
-    def draft_queries(self, block):
-        row = self.row
-        return [(row.order[row.n + i], row.n + 1) for i in range(block)]
-
-    def propose(self, block, drawn):
+    def propose(self, view, block, drawn):
         return Block(drawn.tokens[:block], drawn.probs[:block], exact_first=True)
 
 
@@ -90,15 +110,15 @@ class OnePassDraft(SelfDraft):
     After a rejection the untested drafts stay proposals for their positions: keeping the
     proposal chain consistent measured better than fresher conditioning (scripts/one_pass_variants.py)."""
 
-    def lookahead(self, block):
-        return block - 1
+    def oracle_extras(self, view, block):
+        return True, view.block_size - 1
 
-    def carry(self, leftover, checked, extra):
+    def carry(self, view, leftover, checked, extra):
         tokens = (leftover.tokens if leftover else []) + extra.tokens
         if not tokens:
             return None
         parts = ([leftover.probs] if leftover else []) + [extra.probs]
-        block = min(self.row.k, self.row.m - self.row.n)
+        block = min(view.block_size, view.n_left)
         return Block(tokens[:block], torch.cat(parts)[:block])
 
 
@@ -106,40 +126,35 @@ class NgramDraft(Proposer):
     """Bigram counts of the row's own text (no network pass); drafts are drawn on the host from
     the row's generator, left to right, each conditioned on the draft before it."""
 
-    def __init__(self, row):
-        super().__init__(row)
-        self.drafter = NgramDrafter(row.vocab_size, row.target.mask_token_id)
-        self.drafter.observe(row.tokens, row.known)
+    def __init__(self, view, config):
+        super().__init__(view, config)
+        self.drafter = NgramDrafter(view.vocab_size, view.target.mask_token_id)
+        self.drafter.observe(view.tokens, view.known)
 
-    def propose(self, block, drawn):
-        row, target = self.row, self.row.target
+    def propose(self, view, block, drawn):
+        target, known = view.target, view.known
         drafted: dict[int, int] = {}
         tokens, probs = [], []
         for i in range(block):
-            pos = row.order[row.n + i]
-            prev = int(row.tokens[pos - 1]) if pos > 0 and row.known[pos - 1] else drafted.get(pos - 1)
+            pos = view.order[view.n_decoded + i]
+            prev = int(view.tokens[pos - 1]) if pos > 0 and known[pos - 1] else drafted.get(pos - 1)
             p = self.drafter.distribution(prev, 1.0 if target.greedy else target.temperature)
             if target.greedy:
                 p = torch.zeros_like(p).scatter_(0, p.argmax().view(1), 1.0)
-            drafted[pos] = int(draw(p, torch.rand((), generator=row.generator, dtype=torch.float64)))
+            drafted[pos] = int(draw(p, torch.rand((), generator=view.generator, dtype=torch.float64)))
             tokens.append(drafted[pos])
             probs.append(p)
-        return Block(tokens, torch.stack(probs).to(row.device))
+        return Block(tokens, torch.stack(probs).to(view.device))
 
-    def observe(self, positions):
-        self.drafter.observe(self.row.tokens, self.row.known, positions)
-
-
-PROPOSERS: dict[str, type[Proposer]] = {"self": SelfDraft, "ngram": NgramDraft}
+    def observe(self, view, positions):
+        self.drafter.observe(view.tokens, view.known, positions)
 
 
-def make_proposer(row, config) -> Proposer:
-    if config.one_pass:
-        return OnePassDraft(row)
-    return PROPOSERS[config.draft](row)
+def make_proposer(view: RowView, config: DecodeConfig) -> Proposer:
+    return PROPOSERS[config.proposer].load()(view, config)
 
 
-def next_k(config, k: int, all_accepted: bool) -> int:
+def next_k(config: DecodeConfig, k: int, all_accepted: bool) -> int:
     """Block-size policy: fixed, or adaptive (grow after a fully accepted round, shrink after a
     rejection). k only changes how many drafts are proposed, never how they are verified."""
     if not config.adaptive_k:

@@ -1,9 +1,12 @@
-"""One sequence's sampling state, and the plan of its next pass.
+"""One sequence's sampling state, the plan of its next pass, and ``SampleResult``.
 
 A row knows its tokens, its decoding order (ranks fixed for the whole run: decoded token i has
-rank i, visible tokens rank 0), ``n`` tokens decoded so far, the content rows not yet in the
-cache (``pending``), its drafts (``block``) and its own random generator. ``plan`` says what
-the next shared pass must compute for it; ``advance`` takes that pass's outcome.
+rank i, visible tokens rank 0), ``n_decoded`` tokens decoded so far, the content rows not yet in
+the cache (``pending``), its drafts (``block``) and its own random generator. ``plan`` says what
+the next shared pass must compute for it; ``advance`` takes that pass's outcome. The invariants
+(docs/design.md, "Row invariants"): ``order[:n_decoded]`` are exactly the decoded positions,
+``known`` marks the visible and decoded ones, and every known token's content row is either in
+the cache or in ``pending``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from .proposers import Block, Drawn, make_proposer, next_k
+from .config import PROPOSERS
+from .proposers import Block, Drawn, RowView, make_proposer, next_k
 
 
 class Content(NamedTuple):
@@ -40,6 +44,13 @@ class Plan:
     target_rows: list[int] = dataclasses.field(default_factory=list)  # verify: query row of each draft (-1: exact)
     bonus_row: int = -1  # verify: the query after the block, seeing every draft
     n_lookahead: int = 0  # verify: proposal queries after the bonus query
+
+    @property
+    def first_drawn(self) -> int:
+        """The first query row whose draw is used (verification rows are read, not drawn)."""
+        if self.kind != "verify":
+            return 0
+        return self.bonus_row if self.bonus_row >= 0 else len(self.queries)
 
 
 @dataclasses.dataclass
@@ -68,8 +79,8 @@ class Outcome:
 
 @dataclasses.dataclass
 class SampleResult:
-    """What ``sample`` returns. Per-row fields are tensors/lists of length B ([L] input: B = 1,
-    and the fields are squeezed to scalars / one list)."""
+    """What ``sample`` returns. Per-row fields are tensors/lists of length B; for one sequence
+    ([L] input, or one engine row) they are squeezed to scalars / one list."""
 
     input_ids: torch.Tensor
     nfe: torch.Tensor  # network passes per row (draft passes included)
@@ -78,6 +89,27 @@ class SampleResult:
     accepted: list  # tokens produced per round, per row
     token_logprobs: torch.Tensor | None  # with return_logprobs: target-chain log-prob per sampled token, 0 elsewhere
     elapsed: float
+
+    @classmethod
+    def of_rows(cls, rows: list[Row], input_ids: torch.Tensor, return_logprobs: bool, elapsed: float,
+                squeeze: bool) -> SampleResult:
+        """The result of ``rows`` sampled from ``input_ids`` [B, L] (rows may be shorter: padding
+        keeps its ids): the one place a SampleResult is built."""
+        out = input_ids.detach().clone()
+        logprobs = torch.zeros(out.shape, dtype=torch.float64)
+        for b, row in enumerate(rows):
+            n = row.tokens.shape[0]
+            out[b, :n] = row.tokens.to(out.device)
+            logprobs[b, :n] = row.logprobs
+        result = cls(out, torch.tensor([r.nfe for r in rows]), torch.tensor([r.draft_calls for r in rows]),
+                     torch.tensor([r.rounds for r in rows]), [list(r.accepted) for r in rows],
+                     logprobs if return_logprobs else None, elapsed)
+        return result.squeezed() if squeeze else result
+
+    def squeezed(self) -> SampleResult:
+        """The one-row result with its batch dimension dropped."""
+        return SampleResult(self.input_ids[0], self.nfe[0], self.draft_calls[0], self.rounds[0], self.accepted[0],
+                            None if self.token_logprobs is None else self.token_logprobs[0], self.elapsed)
 
     @property
     def tokens_per_round(self) -> float:
@@ -90,7 +122,7 @@ class Row:
     def __init__(self, tokens, order, config, target, generator, device, vocab_size, on_round=None):
         self.tokens = tokens  # [L] CPU long; hidden positions hold the mask token until decoded
         self.order = order.tolist()
-        self.m, self.n = len(self.order), 0
+        self.n_hidden, self.n_decoded = len(self.order), 0
         self.config, self.target, self.generator = config, target, generator
         self.device, self.vocab_size = device, vocab_size
         self.on_round = on_round
@@ -98,41 +130,53 @@ class Row:
         self.known[order] = False
         self.visible = torch.nonzero(self.known).flatten().tolist()
         self.pending = [Content(p, int(tokens[p]), 0) for p in self.visible]
-        self.k = config.k
+        self.block_size = config.k
         self.block: Block | None = None
         self.nfe = self.draft_calls = self.rounds = 0
         self.accepted: list[int] = []
         self.logprobs = torch.zeros(tokens.shape[0], dtype=torch.float64)
-        self.proposer = make_proposer(self, config) if config.method == "assd" else None
+        self.proposer = make_proposer(self.view(), config) if config.method == "assd" else None
+        self.draft_pass = config.method == "assd" and PROPOSERS[config.proposer].needs_pass
 
     @property
     def done(self) -> bool:
-        return self.n >= self.m
+        return self.n_decoded >= self.n_hidden
+
+    @property
+    def n(self) -> int:
+        """``n_decoded`` under its old name: asarm bench (bench.py) still reads it."""
+        return self.n_decoded
+
+    def view(self) -> RowView:
+        return RowView(self.order, self.n_decoded, self.block_size, self.tokens, self.known, self.target,
+                       self.generator, self.device, self.vocab_size)
 
     def known_contents(self) -> list[Content]:
         """Every known token with its rank: the content rows of a full-recompute pass."""
-        decoded = [Content(p, int(self.tokens[p]), i + 1) for i, p in enumerate(self.order[: self.n])]
+        decoded = [Content(p, int(self.tokens[p]), i + 1) for i, p in enumerate(self.order[: self.n_decoded])]
         return [Content(p, int(self.tokens[p]), 0) for p in self.visible] + decoded
 
     # --- planning -----------------------------------------------------------------------------
     def plan(self, cached: bool) -> Plan:
         base = self.pending if cached else self.known_contents()
-        n, block = self.n, min(self.k, self.m - self.n)
+        n, block = self.n_decoded, min(self.block_size, self.n_hidden - self.n_decoded)
         if self.proposer is None:
             return Plan("sequential", base, [Query(self.order[n], n + 1)], len(base))
         if self.block is None:
-            queries = self.proposer.draft_queries(block)
-            if queries:
-                return Plan("draft", base, [Query(*q) for q in queries], len(base))
-            self.block = self.proposer.propose(block, None)
+            if self.draft_pass:
+                queries = [Query(*q) for q in self.proposer.draft_queries(self.view(), block)]
+                return Plan("draft", base, queries, len(base))
+            self.block = self.proposer.propose(self.view(), block, None)
             self.draft_calls += 1
         return self._verify_plan(base)
 
     def _verify_plan(self, base: list[Content]) -> Plan:
-        n, block, cfg = self.n, self.block, self.config
+        """Contents: the drafts (all of them when a query follows the block, else all but the
+        last); queries: one per draft that needs checking, then the bonus and lookahead queries."""
+        n, block = self.n_decoded, self.block
         b = len(block)
-        has_next = n + b < self.m
-        extended = has_next and (cfg.bonus or cfg.one_pass)
+        bonus, n_lookahead = self.proposer.oracle_extras(self.view(), b)
+        extended = bonus and n + b < self.n_hidden
         n_contents = b if extended else b - 1
         contents = [Content(self.order[n + i], block.tokens[i], n + 1 + i) for i in range(n_contents)]
         queries, target_rows = [], []
@@ -145,15 +189,16 @@ class Row:
         if extended:
             plan.bonus_row = len(queries)
             queries.append(Query(self.order[n + b], n + b + 1))
-            plan.n_lookahead = min(self.proposer.lookahead(self.k), self.m - (n + b + 1))
+            plan.n_lookahead = min(n_lookahead, self.n_hidden - (n + b + 1))
             queries += [Query(self.order[n + b + 1 + j], n + b + 1) for j in range(plan.n_lookahead)]
         return plan
 
-    def uniforms(self, plan: Plan, n_accept: int) -> torch.Tensor:
+    def uniforms(self, plan: Plan) -> torch.Tensor:
         """This row's uniforms for a pass: one per query row, one per verified draft, one for
         the replacement/bonus draw. Drawn from the row's own generator, so a row's tokens do
         not depend on the batch it runs in."""
-        return torch.rand(len(plan.queries) + n_accept + 1, generator=self.generator, dtype=torch.float64)
+        n = len(plan.queries) + len(plan.target_rows) + 1
+        return torch.rand(n, generator=self.generator, dtype=torch.float64)
 
     # --- the pass's outcome --------------------------------------------------------------------
     def advance(self, plan: Plan, out: Outcome) -> tuple[int, list[int]]:
@@ -163,7 +208,7 @@ class Row:
             return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
         if plan.kind == "draft":
             self.draft_calls += 1
-            self.block = self.proposer.propose(len(plan.queries), Drawn(out.drawn, out.probs))
+            self.block = self.proposer.propose(self.view(), len(plan.queries), Drawn(out.drawn, out.probs))
             self.pending = []
             if len(self.block) == 1:  # one position left: its draft is the exact conditional
                 self.block = None
@@ -179,26 +224,26 @@ class Row:
         if out.next_token >= 0:
             tokens, probs = tokens + [out.next_token], probs + [out.next_prob]
         commit = plan.n_pending + min(j, plan.n_draft_contents)
-        self.k = next_k(self.config, self.k, not rejected)
-        positions = self._decode(tokens, probs, self.order[self.n + j] if rejected else None)
+        self.block_size = next_k(self.config, self.block_size, not rejected)
+        positions = self._decode(tokens, probs, self.order[self.n_decoded + j] if rejected else None)
         if not self.done:  # one-pass rounds: this pass also proposed the next block
             start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
             extra = Drawn(out.drawn[start:], out.probs[start:])
             checked = out.probs[plan.target_rows[j + 1 :] if rejected else []]
-            self.block = self.proposer.carry(block.tail(j + 1) if rejected else None, checked, extra)
+            self.block = self.proposer.carry(self.view(), block.tail(j + 1) if rejected else None, checked, extra)
         return commit, positions
 
     def _decode(self, tokens: list[int], probs: list[float], resampled: int | None = None) -> list[int]:
         """Record tokens for the next positions of the order; the last one's content is pending."""
-        positions = self.order[self.n : self.n + len(tokens)]
+        positions = self.order[self.n_decoded : self.n_decoded + len(tokens)]
         for pos, tok, p in zip(positions, tokens, probs):
             self.tokens[pos] = tok
             self.logprobs[pos] = math.log(p) if p > 0 else -math.inf
             self.known[pos] = True
-        self.n += len(tokens)
-        self.pending = [Content(positions[-1], tokens[-1], self.n)]
+        self.n_decoded += len(tokens)
+        self.pending = [Content(positions[-1], tokens[-1], self.n_decoded)]
         if self.proposer is not None:
-            self.proposer.observe(positions)
+            self.proposer.observe(self.view(), positions)
         self.rounds += 1
         self.accepted.append(len(tokens))
         if self.on_round is not None:

@@ -25,12 +25,13 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import ASARMError, InputError
 from ..lengths import PlanningTimeout, planning_budget
-from ..text import exclude_special_tokens, read_markup
-from . import handlers as H
+from ..seeds import choice_seeds, resolve_seed
+from ..text import read_markup, text_only
+from . import handlers
 from .holes import completion_markup
 from .loop import Channel, EngineLoop, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
-from .schemas import CompletionRequest, InfillRequest, ScoreRequest
+from .schemas import ScoreRequest, generation_schemas
 
 log = logging.getLogger("asarm.serve")
 STATIC = Path(__file__).parent / "static"
@@ -80,7 +81,7 @@ def error_response(exc: Exception, param: str | None = None) -> JSONResponse:
 
 
 def error_event(exc: Exception) -> bytes:
-    return H.sse(json.loads(error_response(exc).body))
+    return handlers.sse(json.loads(error_response(exc).body))
 
 
 class ServerState:
@@ -104,14 +105,12 @@ class ServerState:
 
 
 def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_queue: int = 256,
-               api_key: str | None = None, request_timeout: float = 120.0, adapter=None,
-               pass_delay: float = 0.0) -> FastAPI:
+               api_key: str | None = None, request_timeout: float = 120.0, pass_delay: float = 0.0) -> FastAPI:
+    from .engine import EngineAdapter
+
     if getattr(model, "tokenizer", None) is None:
         raise InputError("the server needs a model with a tokenizer (its checkpoint has no tokenizer files)")
-    if adapter is None:
-        from .engine import EngineAdapter
-
-        adapter = EngineAdapter(model)
+    adapter = EngineAdapter(model)
     metrics = Metrics()
     loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay)
     state = ServerState(model, model_name, loop, metrics, api_key, request_timeout)
@@ -125,7 +124,7 @@ def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_que
 
     app = FastAPI(title="asarm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.asarm = state
-    app.add_middleware(Gate, state=state)
+    app.add_middleware(Guard, state=state)
     app.add_exception_handler(StarletteHTTPException, _handle)
     app.add_exception_handler(Exception, _handle)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -139,7 +138,7 @@ async def _handle(request, exc):
     return error_response(exc)
 
 
-class Gate:
+class Guard:
     """ASGI middleware: the API key (all routes but the public ones) and per-request metrics
     (status and time to the LAST byte, so streams are timed whole)."""
 
@@ -216,6 +215,7 @@ class FieldError(InputError):
 
 def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
     api = Api(state, adapter)
+    completion_request, infill_request = generation_schemas()  # the decoding fields: DecodeConfig's
 
     @app.get("/health")
     async def health():
@@ -238,11 +238,11 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await api.guarded(request, CompletionRequest, api.completions)
+        return await api.guarded(request, completion_request, api.completions)
 
     @app.post("/v1/infill")
     async def infill(request: Request):
-        return await api.guarded(request, InfillRequest, api.infill)
+        return await api.guarded(request, infill_request, api.infill)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -285,11 +285,10 @@ class Api:
         state = self.state
         if body.n > state.loop.max_batch:
             raise InputError(f"n={body.n} is more than this server's batch of {state.loop.max_batch} rows")
-        options = body.decode_options()
+        config = body.decode_config()
         if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
-            exclude_special_tokens(state.tokenizer, options)
-        config = self.adapter.make_config(options)
-        seeds = H.seeds_for(body)
+            config = text_only(state.tokenizer, config)
+        seeds = choice_seeds(resolve_seed(body.seed), body.n)
         deadline = time.monotonic() + state.request_timeout
 
         budgets = []
@@ -297,18 +296,18 @@ class Api:
         def plan():
             with planning_budget(max_cells=PLANNING_MAX_CELLS, deadline=deadline) as budget:
                 budgets.append(budget)
-                return H.plan_for(state.model, markup, config, body, seeds)
+                return handlers.plan_for(state.model, markup, config, body, seeds)
 
         try:
-            layouts = await asyncio.wait_for(collect(request, None, state.off_loop(plan)), state.request_timeout)
+            plans = await asyncio.wait_for(collect(request, None, state.off_loop(plan)), state.request_timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise PlanningTimeout("the hole-length planning passed the request's time limit") from None
         finally:
             for budget in budgets:  # an abandoned plan (timeout, client gone) stops at its next pass
                 budget.deadline = 0.0
-        return self.submit(body.n, H.make_prepare(layouts, config, body, seeds), rounds=body.stream)
+        return self.submit(body.n, handlers.make_prepare(plans, config, body), rounds=body.stream)
 
-    async def completions(self, request, body: CompletionRequest):
+    async def completions(self, request, body):
         markup = await self.state.off_loop(completion_markup, self.state.model, self.state.tokenizer, body,
                                            self.state.max_length)
         job = await self.generation_job(request, body, markup)
@@ -317,7 +316,7 @@ class Api:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
 
-    async def infill(self, request, body: InfillRequest):
+    async def infill(self, request, body):
         markup = await self.state.off_loop(lambda: read_markup(self.state.model, body.text, self.state.tokenizer,
                                                                max_hole=body.max_hole, max_length=self.state.max_length))
         job = await self.generation_job(request, body, markup)
@@ -327,7 +326,8 @@ class Api:
         return await collect(request, job, run.answer())
 
     async def score(self, request, body: ScoreRequest):
-        from ..scoring import parse_scored_text, score
+        from ..scoring import score
+        from ..text import parse_scored_text
 
         state = self.state
         ids, hidden = await state.off_loop(parse_scored_text, state.tokenizer, body.text)
@@ -410,15 +410,15 @@ class Run:
 
     def __init__(self, state: ServerState, body, job: Job, id_prefix: str):
         self.state, self.body, self.job = state, body, job
-        self.rid, self.created = H.new_id(id_prefix)
-        self.choices: list[H.Choice] = []
+        self.rid, self.created = handlers.new_id(id_prefix)
+        self.choices: list[handlers.Choice] = []
         self.stats: list[dict | None] = [None] * body.n
 
-    def _finish_choice(self, index: int, result) -> tuple[H.Choice, str]:
+    def _finish_choice(self, index: int, result) -> tuple[handlers.Choice, str]:
         """The choice's final region text; its stats recorded."""
         ch = self.choices[index]
-        text = ch.finish(result)
-        self.stats[index] = H.row_stats(result, ch.layout, self.job.admitted - self.job.arrived,
+        text = ch.done(result)
+        self.stats[index] = handlers.row_stats(result, ch.holes, self.job.admitted - self.job.arrived,
                                         time.monotonic() - self.job.admitted)
         return ch, text
 
@@ -440,20 +440,19 @@ class CompletionRun(Run):
         super().__init__(state, body, job, "cmpl")
         self.finish = "stop" if suffix else "length"
 
-    def _start(self, layouts) -> None:
-        for lay in layouts:
-            hole = lay.holes[0]
-            self.choices.append(H.Choice(self.state.tokenizer, lay, hole["start"], hole["start"] + hole["length"],
-                                         drop_space=lay.space_moved))
+    def _start(self, plans) -> None:
+        for plan in plans:
+            start, end = plan.spans[0]
+            self.choices.append(handlers.Choice(self.state.tokenizer, plan, start, end, drop_space=plan.space_moved))
 
     def _done(self, index: int, result) -> str:
         return self._finish_choice(index, result)[1]
 
     def _chunk(self, index, text, finish=None, **extra) -> dict:
-        return H.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
+        return handlers.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
 
     def _logprobs(self, index):
-        return H.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
+        return handlers.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
 
     async def answer(self) -> JSONResponse:
         texts = await self._results()
@@ -461,7 +460,7 @@ class CompletionRun(Run):
                     "asarm": self.stats[i]} for i in range(self.body.n)]
         return JSONResponse({"id": self.rid, "object": "text_completion", "created": self.created,
                              "model": self.state.model_name, "choices": choices,
-                             "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
+                             "usage": handlers.usage(self.choices), "asarm": handlers.totals(self.stats)})
 
     async def stream(self, first, rest):
         try:
@@ -470,26 +469,26 @@ class CompletionRun(Run):
                     self._start(payload)
                 elif kind == "round":
                     index, event = payload
-                    piece = self.choices[index].apply(event)
+                    piece = self.choices[index].take(event)
                     if piece:
-                        yield H.sse(self._chunk(index, piece))
+                        yield handlers.sse(self._chunk(index, piece))
                 elif kind == "done":
                     index = payload[0]
                     ch = self.choices[index]
                     tail = self._done(*payload)[ch.emitted:]
-                    yield H.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index],
+                    yield handlers.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index],
                                             **({"logprobs": self._logprobs(index)} if self.body.logprobs is not None else {})))
             final = {"id": self.rid, "object": "text_completion", "created": self.created,
-                     "model": self.state.model_name, "choices": [], "usage": H.usage(self.choices),
-                     "asarm": H.totals(self.stats)}
-            yield H.sse(final)
+                     "model": self.state.model_name, "choices": [], "usage": handlers.usage(self.choices),
+                     "asarm": handlers.totals(self.stats)}
+            yield handlers.sse(final)
         except Exception as exc:  # noqa: BLE001 - the stream has started: the error is an event
             if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
                 log.exception("a completion stream failed")
             yield error_event(exc)
         finally:
             await rest.aclose()  # the job is cancelled at once if the client went away
-        yield H.sse("[DONE]")
+        yield handlers.sse("[DONE]")
 
 
 class InfillRun(Run):
@@ -498,58 +497,59 @@ class InfillRun(Run):
     def __init__(self, state: ServerState, body, job: Job):
         super().__init__(state, body, job, "infill")
 
-    def _start(self, layouts) -> dict:
+    def _start(self, plans) -> dict:
         tok = self.state.tokenizer
         out = []
-        for i, lay in enumerate(layouts):
-            self.choices.append(H.Choice(tok, lay, 0, len(lay.input_ids)))
-            pieces = [{"text": "" if m else H.decode(tok, [t]), "hidden": m}
-                      for t, m in zip(lay.input_ids.tolist(), lay.masked.tolist())]
-            out.append({"index": i, "tokens": pieces, "holes": lay.holes})
+        for i, plan in enumerate(plans):
+            choice = handlers.Choice(tok, plan, 0, len(plan.input_ids))
+            self.choices.append(choice)
+            pieces = [{"text": "" if m else handlers.decode(tok, [t]), "hidden": m}
+                      for t, m in zip(plan.input_ids.tolist(), plan.masked.tolist())]
+            out.append({"index": i, "tokens": pieces, "holes": choice.holes})
         return {"object": "infill.start", "id": self.rid, "model": self.state.model_name, "choices": out}
 
     def _done(self, index: int, result) -> dict:
         ch, text = self._finish_choice(index, result)
-        holes = [dict(h, text=H.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
-                 for h in ch.layout.holes]
+        holes = [dict(h, text=handlers.decode(self.state.tokenizer, ch.ids[h["start"]:h["start"] + h["length"]]))
+                 for h in ch.holes]
         out = {"index": index, "text": text, "holes": holes, "finish_reason": "stop", "asarm": self.stats[index]}
         if self.body.logprobs:
             lp = result.token_logprobs.reshape(-1).tolist()
-            out["logprobs"] = [{"position": p, "logprob": lp[p]} for p in ch.layout.masked.nonzero().flatten().tolist()]
+            out["logprobs"] = [{"position": p, "logprob": lp[p]} for p in ch.plan.masked.nonzero().flatten().tolist()]
         return out
 
     def _round(self, index: int, event) -> dict:
         tok = self.state.tokenizer
-        piece = self.choices[index].apply(event)
+        piece = self.choices[index].take(event)
         return {"object": "infill.round", "index": index, "round": event.round, "nfe": event.nfe,
                 "positions": list(event.positions), "tokens": [int(t) for t in event.tokens],
-                "texts": [H.decode(tok, [int(t)]) for t in event.tokens], "resampled": event.resampled,
+                "texts": [handlers.decode(tok, [int(t)]) for t in event.tokens], "resampled": event.resampled,
                 "text": piece}
 
     async def answer(self) -> JSONResponse:
         choices = await self._results()
         return JSONResponse({"id": self.rid, "object": "infill", "created": self.created,
                              "model": self.state.model_name, "choices": choices,
-                             "usage": H.usage(self.choices), "asarm": H.totals(self.stats)})
+                             "usage": handlers.usage(self.choices), "asarm": handlers.totals(self.stats)})
 
     async def stream(self, first, rest):
         try:
             async for kind, payload in _chain(first, rest):
                 if kind == "start":
-                    yield H.sse(self._start(payload))
+                    yield handlers.sse(self._start(payload))
                 elif kind == "round":
-                    yield H.sse(self._round(*payload))
+                    yield handlers.sse(self._round(*payload))
                 elif kind == "done":
-                    yield H.sse(dict(self._done(*payload), object="infill.done"))
-            yield H.sse({"object": "infill.end", "id": self.rid, "usage": H.usage(self.choices),
-                         "asarm": H.totals(self.stats)})
+                    yield handlers.sse(dict(self._done(*payload), object="infill.done"))
+            yield handlers.sse({"object": "infill.end", "id": self.rid, "usage": handlers.usage(self.choices),
+                         "asarm": handlers.totals(self.stats)})
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, (ASARMError, RequestTimeout, ShuttingDown)):
                 log.exception("an infill stream failed")
             yield error_event(exc)
         finally:
             await rest.aclose()  # the job is cancelled at once if the client went away
-        yield H.sse("[DONE]")
+        yield handlers.sse("[DONE]")
 
 
 async def score_answer(state: ServerState, ids, hidden, job: Job) -> JSONResponse:
@@ -559,7 +559,7 @@ async def score_answer(state: ServerState, ids, hidden, job: Job) -> JSONRespons
             result = payload
     n = int(result.num_tokens)
     lp = result.token_log_probs.tolist()
-    tokens = [{"position": p, "text": H.decode(state.tokenizer, [int(ids[p])]), "logprob": lp[p]}
+    tokens = [{"position": p, "text": handlers.decode(state.tokenizer, [int(ids[p])]), "logprob": lp[p]}
               for p in hidden.nonzero().flatten().tolist()]
     nll = -float(result.log_prob)
     # a near-zero temperature can give an infinite perplexity, which JSON cannot carry: null

@@ -1,19 +1,20 @@
 """Turning request bodies into engine jobs, and engine events into OpenAI-shaped answers.
 
-Text work that needs no model (parsing, tokenizing, limits) happens in the request handler, so
-bad input is refused before it is queued; work that needs the model (length posteriors,
-scoring) happens in the job's ``prepare``, on the engine thread.
+Text work that needs no model (parsing, tokenizing, limits: ``asarm.text.read_markup``) happens
+before the job is queued, off the event loop, so bad input is refused early; the length
+posteriors (``asarm.text.plan_rows``) too, on a worker thread with the request's budget
+(``plan_for``), so they never hold the engine; the job's ``prepare`` only lays out the rows.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
 
-from ..tokenization import decode, settled_text
-from .holes import plan_layouts
+from ..text import SettledText, plan_rows
+from ..tokenization import decode
+from .holes import hole_info
 from .loop import RowSpec
 
 
@@ -21,84 +22,53 @@ def _int(x) -> int:
     return int(x.reshape(-1)[0]) if hasattr(x, "reshape") else int(x)
 
 
-def row_stats(result, layout, queued_s: float, elapsed_s: float) -> dict:
+def row_stats(result, holes: list[dict], queued_s: float, elapsed_s: float) -> dict:
     """The ``asarm`` stats field of one choice."""
     accepted = result.accepted[0] if result.accepted and isinstance(result.accepted[0], list) else result.accepted
     tokens, nfe = sum(accepted), _int(result.nfe)
     return {"nfe": nfe, "draft_calls": _int(result.draft_calls), "rounds": _int(result.rounds),
             "tokens": tokens, "tokens_per_pass": round(tokens / max(nfe, 1), 4),
-            "tokens_per_round": list(accepted), "holes": layout.holes,
+            "tokens_per_round": list(accepted), "holes": holes,
             "queue_ms": round(queued_s * 1000, 1), "elapsed_ms": round(elapsed_s * 1000, 1)}
 
 
-class Choice:
-    """One row as it fills in: the known tokens, the round that produced each, and the text of
-    ``[start, end)`` that is final so far (left to right; ASSD may fill out of order)."""
+class Choice(SettledText):
+    """One row as it fills in: the text of ``[start, end)`` that is final so far (left to right;
+    ASSD may fill out of order), its plan, and once done its result."""
 
-    def __init__(self, tokenizer, layout, start: int, end: int, drop_space: bool = False):
-        self.tok, self.layout, self.start, self.end = tokenizer, layout, start, end
-        # the region follows text that ended in a space, and that space moved into the region:
-        # the client already has it, so the region's text starts after it
-        self.drop_space = drop_space
-        self.ids = layout.input_ids.tolist()
-        self.known = (~layout.masked).tolist()
-        self.base = decode(tokenizer, self.ids[:start])
-        self.frontier, self.emitted = start, 0
+    def __init__(self, tokenizer, plan, start: int, end: int, drop_space: bool = False):
+        super().__init__(tokenizer, plan.input_ids.tolist(), (~plan.masked).tolist(), start, end, drop_space)
+        self.plan = plan
+        self.holes = hole_info(plan)
         self.result = None
 
-    def apply(self, event) -> str:
+    def take(self, event) -> str:
         """Take a round's tokens; the newly final text of the region."""
-        for pos, tok in zip(event.positions, event.tokens):
-            self.ids[pos], self.known[pos] = int(tok), True
-        f = self.frontier
-        while f < self.end and self.known[f]:
-            f += 1
-        if f == self.frontier:
-            return ""
-        self.frontier = f
-        text = self._region(f)
-        if text is None:  # a character split across tokens: wait
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        return self.apply(event.positions, event.tokens)
 
-    def finish(self, result) -> str:
-        """The region's final text (what ``apply`` has not sent yet is the tail of it)."""
+    def done(self, result) -> str:
+        """The region's final text (what ``take`` has not sent yet is the tail of it)."""
         self.result = result
-        self.ids = result.input_ids.reshape(-1).tolist()
-        return self._region(self.end)
-
-    def _region(self, end: int) -> str | None:
-        """The region's text up to token ``end``; None while it ends inside a character."""
-        text = settled_text(self.tok, self.ids[:end], complete=end >= self.end)
-        if text is None:
-            return None
-        text = text[len(self.base):]
-        return text[1:] if self.drop_space and text.startswith(" ") else text
+        return self.finish(result.input_ids.reshape(-1).tolist())
 
 
 def plan_for(model, markup, config, body, seeds: list[int]):
-    """Every choice's hole lengths and layout (the model's work outside the engine: it runs
-    before the job is queued, never on the engine thread)."""
-    return plan_layouts(model, markup, seeds, greedy=config.greedy, temperature=config.temperature,
-                        length_prior=body.length_prior)
+    """Every choice's planned row, hole lengths drawn with the choice's seed: the model's work
+    outside the engine (it runs before the job is queued, never on the engine thread)."""
+    return plan_rows(model, markup, seeds, length_prior=body.length_prior, greedy=config.greedy,
+                     temperature=config.temperature)
 
 
-def make_prepare(layouts, config, body, seeds: list[int]):
-    """The job's engine-thread half: lay out each row (the lengths are already chosen)."""
+def make_prepare(plans, config, body):
+    """The job's engine-thread half: the rows to start (the lengths are already chosen)."""
 
     def prepare():
-        rows = [RowSpec(lay.input_ids, lay.masked, config, seed=s, order=body.order,
+        rows = [RowSpec(plan.input_ids, plan.masked, config, seed=plan.seed, order=body.order,
                         return_logprobs=bool(getattr(body, "logprobs", False)))
-                for lay, s in zip(layouts, seeds)]
-        return rows, layouts
+                for plan in plans]
+        return rows, plans
 
     return prepare
-
-
-def seeds_for(body) -> list[int]:
-    base = body.seed if body.seed is not None else random.SystemRandom().randrange(2**62)
-    return [base + i for i in range(body.n)]
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str, finish=None, **extra) -> dict:
@@ -122,8 +92,8 @@ def completion_logprobs(tok, choice: Choice) -> dict:
 
 
 def usage(choices: list[Choice]) -> dict:
-    prompt = sum(1 for k in (~choices[0].layout.masked).tolist() if k) if choices else 0
-    completion = sum(int(c.layout.masked.sum()) for c in choices)
+    prompt = sum(1 for k in (~choices[0].plan.masked).tolist() if k) if choices else 0
+    completion = sum(int(c.plan.masked.sum()) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -1,34 +1,30 @@
 """Request bodies. Strict types (no "yes" for a bool, no 1.5 for an int), unknown fields refused,
-every number bounded, so bad input is a 400 with the field named, before anything is queued."""
+every number bounded, so bad input is a 400 with the field named, before anything is queued.
+
+The decoding options are not written here: they are ``DecodeConfig``'s fields
+(``asarm.sampling.config``), turned into request fields by ``decode_fields``."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..sampling.config import DecodeConfig, field_type, user_fields
 
 MAX_CHARS = 100_000  # texts longer than this are refused before tokenizing
 MAX_N = 16           # choices per request (also capped by --max-batch)
 
 
-class Sampler(BaseModel):
+class RequestBase(BaseModel):
+    """What every generating request takes besides the decoding options."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1, le=1_000_000)
     seed: int | None = Field(None, ge=0, le=2**62)
     stream: bool = False
     n: int = Field(1, ge=1, le=MAX_N)
-    # asarm fields
-    method: Literal["assd", "sequential"] = "assd"
-    draft: Literal["self", "ngram"] = "self"
-    k: int = Field(5, ge=1, le=64)
-    greedy: bool = False
-    bonus: bool = False
-    one_pass: bool = False
-    adaptive_k: bool = False
     allow_special: bool = False  # let holes contain <unk>, <s>, padding, ... (excluded by default)
     order: Literal["left-to-right", "random"] = "left-to-right"
     max_hole: int = Field(32, ge=1, le=4096, description="longest length tried for [MASK] / a suffix")
@@ -36,15 +32,35 @@ class Sampler(BaseModel):
         None, min_length=1, max_length=4096,
         description="weights of hole lengths 1, 2, ... for [MASK] / a suffix (e.g. `asarm length-prior`); default uniform")
 
-    def decode_options(self) -> dict:
-        greedy = self.greedy or self.temperature == 0.0
-        return dict(method=self.method, draft=self.draft, k=self.k,
-                    temperature=1.0 if greedy else self.temperature, greedy=greedy,
-                    top_k=self.top_k, top_p=self.top_p, bonus=self.bonus, one_pass=self.one_pass,
-                    adaptive_k=self.adaptive_k)
+    def decode_config(self) -> DecodeConfig:
+        """The request's decoding options as one config (temperature 0 is greedy: ``from_user``)."""
+        return DecodeConfig.from_user(**{f.name: getattr(self, f.name) for f in user_fields("server")})
 
 
-class CompletionRequest(Sampler):
+def decode_fields() -> dict:
+    """A request field per user-settable ``DecodeConfig`` field: its type (choices as a Literal,
+    so a bad value is a 400 naming the field), default, bounds and help."""
+    fields = {}
+    for f in user_fields("server"):
+        kind = field_type(f)
+        choices = f.metadata.get("choices")
+        annotation = Literal[tuple(choices())] if choices else kind
+        if f.default is None:
+            annotation = annotation | None
+        bounds = {key: f.metadata[key] for key in ("ge", "gt", "le") if key in f.metadata}
+        fields[f.name] = (annotation, Field(f.default, description=f.metadata.get("help"), **bounds))
+    return fields
+
+
+def generation_schemas() -> tuple[type[BaseModel], type[BaseModel]]:
+    """(CompletionRequest, InfillRequest), built from ``DecodeConfig`` as it is now (the proposer
+    registry may have grown since import): ``create_app`` calls it once."""
+    fields = decode_fields()
+    return (create_model("CompletionRequest", __base__=CompletionBody, **fields),
+            create_model("InfillRequest", __base__=InfillBody, **fields))
+
+
+class CompletionBody(RequestBase):
     prompt: str = Field(..., max_length=MAX_CHARS)
     suffix: str | None = Field(None, max_length=MAX_CHARS)
     max_tokens: int = Field(16, ge=1, le=100_000)
@@ -59,7 +75,7 @@ class CompletionRequest(Sampler):
     frequency_penalty: Literal[0, 0.0] | None = None
 
 
-class InfillRequest(Sampler):
+class InfillBody(RequestBase):
     text: str = Field(..., max_length=MAX_CHARS, description="text with [MASK], [MASK:n], [MASK:a-b] holes")
     logprobs: bool = False
 
