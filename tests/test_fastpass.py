@@ -249,3 +249,25 @@ def test_a_fast_pass_that_cannot_be_built_warns_once_and_runs_eager(monkeypatch)
     assert "second line" not in str(caught[0].message)
     ids, masked = random_rows(2, 10, 40, seed=5)
     assert sample(model, ids, masked, seed=0).input_ids.shape == ids.shape
+
+
+# --- asarm bench --suite pass, on tiny models (the timings themselves live in results/) ---------
+def test_pass_bench_tables_and_plot(tmp_path, monkeypatch):
+    from asarm import bench_pass
+
+    monkeypatch.setattr(bench_pass, "ROWS", (1, 11))
+    monkeypatch.setattr(bench_pass, "SAMPLERS", {k: bench_pass.SAMPLERS[k] for k in ("sequential", "ASSD one-pass k=5")})
+    models = {"eager fp32": wider_model(12), "fast fp32": wider_model(12).use_fast_path()}
+    passes = bench_pass.bench_passes(models, length=16, rounds=1, passes=1, seed=0)
+    assert {(r["build"], r["rows"]) for r in passes} == {(b, n) for b in models for n in bench_pass.ROWS}
+    assert all(r["seconds_per_pass"] > 0 for r in passes)
+    samplers, protocol = bench_pass.bench_samplers(models, "random-base", 16, seeds=1, seed=0)
+    assert "95% hidden" in protocol
+    assert {(r["sampler"], r["build"]) for r in samplers} == {(s, b) for s in bench_pass.SAMPLERS for b in models}
+    reference = [r for r in samplers if r["sampler"] == "sequential" and r["build"] == "eager fp32"]
+    assert reference[0]["vs_eager_fp32_sequential"] == 1.0
+    rows = [dict(model="tiny", threads=1, floor_seconds=1.0, floor_multiple=r["seconds_per_pass"], **r) for r in passes]
+    assert "| tiny | 1 | fast fp32 |" in bench_pass.pass_table(rows)
+    assert "| tiny | 1 | sequential | eager fp32 |" in bench_pass.sampler_table([dict(model="tiny", threads=1, **r) for r in samplers])
+    bench_pass.plot(rows, tmp_path / "pass.png")
+    assert (tmp_path / "pass.png").stat().st_size > 1000

@@ -11,8 +11,9 @@ fp32, eager and fast bf16, eager and fast int8 (bf16 activations). For each mode
    Beside it, the weight-streaming floor: bytes of weights one pass reads / a plain copy's
    bandwidth, measured in the same run.
 2. **Samplers.** Shipped models: the 40-token prompt + 80 hidden tokens of the flat-pass issue's
-   probe (``PROMPT``), whole runs, median tokens/s over seeds. Random XLNet-base-sized weights:
-   ``asarm bench``'s windows at L = ``--lengths`` with 95% hidden.
+   probe (``PROMPT``), whole runs, seed after seed with every (sampler, build) in turn, median
+   run kept. Random XLNet-base-sized weights: ``asarm bench``'s windows at L = ``--lengths``
+   with 95% hidden.
 
 Ratios are against eager fp32 sequential of the same model and thread count, from this run.
 """
@@ -143,40 +144,57 @@ def sampler_inputs(model, model_name: str, length: int, seed: int):
     return ids, masked, f"{len(prompt)}-token prompt (PROMPT) + 80 hidden tokens, whole runs"
 
 
-def time_sampler(model, model_name: str, ids, masked, decode_kwargs: dict, seeds: int) -> dict:
-    from .sampling import DecodeConfig, sample
+def time_windows(model, ids, masked, decode_kwargs: dict) -> dict:
+    """Random-weight models: ``asarm bench``'s windows (their rows accept nearly every draft, so
+    whole runs would be a few rounds long)."""
+    from .bench import Config, time_config
+    from .sampling import DecodeConfig
 
-    if model_name == "random-base":
-        from .bench import Config, time_config
+    stats = time_config(model, ids, masked, Config("x", DecodeConfig(**decode_kwargs)), window=4,
+                        stages=(0.0, 0.2, 0.4, 0.6, 0.8), full=False, seed=0)
+    return dict(tokens_per_s=stats["tokens"] / stats["seconds"], passes_per_token=stats["passes"] / stats["tokens"],
+                seconds_per_pass=stats["seconds"] / stats["steps"])
 
-        stats = time_config(model, ids, masked, Config("x", DecodeConfig(**decode_kwargs)), window=4,
-                            stages=(0.0, 0.2, 0.4, 0.6, 0.8), full=False, seed=0)
-        return dict(tokens_per_s=stats["tokens"] / stats["seconds"], passes_per_token=stats["passes"] / stats["tokens"],
-                    seconds_per_pass=stats["seconds"] / stats["steps"])
-    sample(model, ids, masked, seed=0, **decode_kwargs)  # warm-up
-    rates, passes = [], []
-    hidden = int(masked.sum())
-    for s in range(seeds):
-        start = time.perf_counter()
-        result = sample(model, ids, masked, seed=s, **decode_kwargs)
-        rates.append(hidden / (time.perf_counter() - start))
-        passes.append(float(result.nfe.sum()) / hidden)
-    tok_s = statistics.median(rates)
-    return dict(tokens_per_s=tok_s, passes_per_token=statistics.mean(passes),
-                seconds_per_pass=1 / (tok_s * statistics.mean(passes)))
+
+def time_run(model, ids, masked, decode_kwargs: dict, seed: int) -> tuple[float, float]:
+    """(seconds, passes) of one whole seeded run."""
+    from .sampling import sample
+
+    start = time.perf_counter()
+    result = sample(model, ids, masked, seed=seed, **decode_kwargs)
+    return time.perf_counter() - start, float(result.nfe.sum())
 
 
 def bench_samplers(models: dict, model_name: str, length: int, seeds: int, seed: int) -> tuple[list[dict], str]:
-    records, protocol = [], ""
-    for name, kwargs in SAMPLERS.items():
-        for build, model in models.items():
-            ids, masked, protocol = sampler_inputs(model, model_name, length, seed)
-            records.append(dict(sampler=name, build=build, **time_sampler(model, model_name, ids, masked, kwargs, seeds)))
-    reference = next(r["tokens_per_s"] for r in records if r["sampler"] == "sequential" and r["build"] == REFERENCE_BUILD)
+    """Every (sampler, build) timed. Shipped models: whole runs, interleaved — seed after seed,
+    each seed runs every sampler on every build — so a slow spell of the machine hits every
+    configuration alike; the median run of each is kept."""
+    inputs = {b: sampler_inputs(m, model_name, length, seed) for b, m in models.items()}
+    protocol = next(iter(inputs.values()))[2]
+    jobs = [(name, build) for name in SAMPLERS for build in models]
+    stats = {}
+    if model_name == "random-base":
+        for name, build in jobs:
+            ids, masked, _ = inputs[build]
+            stats[name, build] = time_windows(models[build], ids, masked, SAMPLERS[name])
+    else:
+        runs = {job: [] for job in jobs}
+        for name, build in jobs:  # warm-up
+            time_run(models[build], inputs[build][0], inputs[build][1], SAMPLERS[name], 0)
+        for s in range(seeds):
+            for name, build in jobs:
+                runs[name, build].append(time_run(models[build], inputs[build][0], inputs[build][1], SAMPLERS[name], s))
+        for job, timings in runs.items():
+            hidden = int(inputs[job[1]][1].sum())
+            seconds = statistics.median(t for t, _ in timings)
+            passes = statistics.mean(p for _, p in timings) / hidden
+            stats[job] = dict(tokens_per_s=hidden / seconds, passes_per_token=passes,
+                              seconds_per_pass=seconds / (passes * hidden))
+    records = [dict(sampler=name, build=build, **stats[name, build]) for name, build in jobs]
+    reference = stats["sequential", REFERENCE_BUILD]["tokens_per_s"]
     for r in records:
         r["vs_eager_fp32_sequential"] = r["tokens_per_s"] / reference
-        same_build_seq = next(x["tokens_per_s"] for x in records if x["sampler"] == "sequential" and x["build"] == r["build"])
-        r["vs_sequential_same_build"] = r["tokens_per_s"] / same_build_seq
+        r["vs_sequential_same_build"] = r["tokens_per_s"] / stats["sequential", r["build"]]["tokens_per_s"]
     return records, protocol
 
 
