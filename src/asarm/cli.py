@@ -349,7 +349,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "string: newline, eos, or any text ('\\n' is a newline)")
     p.add_argument("--allow-special", action="store_true", help="let holes contain the special tokens that are not "
                    "text (<unk>, <s>, padding, ...); by default they are excluded inside the target distribution")
-    add_model_arguments(p)
+    add_model_arguments(p, generation=True)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)
 
@@ -362,7 +362,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "must fit the model's limit)")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--stream", action="store_true")
-    add_model_arguments(p)
+    add_model_arguments(p, generation=True)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
 

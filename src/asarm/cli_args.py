@@ -30,14 +30,23 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
                         "fastest for the small shipped models, idle or on a busy machine)")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+# The dtype of commands that generate (infill, generate, serve) when --dtype is not given: the
+# fastest build measured for the device class (asarm.devices.fastest_dtype: bf16 on a CPU with
+# native bf16, fp32 elsewhere; results/bench-cpu-pass). Scoring and evaluation keep fp32.
+GENERATION_DTYPE = "auto"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, generation: bool = False) -> None:
+    """--model, --revision, --device, --dtype, --quantize, --no-fast-path, --threads. Commands
+    that generate (``generation``) default to the fastest dtype of the device (GENERATION_DTYPE)."""
     p.add_argument("--model", default=None, help="shipped model name (see `asarm models`), local HF-format "
                    "directory or hub id (default: asarm-en-small, 128-token limit)")
     p.add_argument("--revision", default=None, help="hub revision, e.g. nlp or code for therealgabeguo/ASARM "
                    "(hub ids only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "auto"],
-                   help="weights dtype (default fp32; auto: bf16 on a CPU with native bf16, else fp32)")
+    p.add_argument("--dtype", default=GENERATION_DTYPE if generation else None, choices=["fp32", "bf16", "fp16", "auto"],
+                   help="activation dtype; auto: bf16 on a CPU with native bf16 (AVX-512 BF16/AMX), measured "
+                        "fastest there, else fp32 (default: " + ("auto" if generation else "fp32") + ")")
     p.add_argument("--quantize", default=None, choices=list(QUANTIZATIONS),
                    help="weight-only quantization at load time (int8: per-output-channel scales)")
     p.add_argument("--no-fast-path", action="store_true", help="run the eager network pass instead of the fast "

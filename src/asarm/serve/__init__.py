@@ -105,5 +105,5 @@ def add_cli(sub) -> None:
     p.add_argument("--served-name", default=None, help="model id in the API (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow engine
-    add_model_arguments(p)
+    add_model_arguments(p, generation=True)
     p.set_defaults(func=cmd_serve)
