@@ -253,7 +253,7 @@ def test_a_fast_pass_that_cannot_be_built_warns_once_and_runs_eager(monkeypatch)
 
 # --- asarm bench --suite pass, on tiny models (the timings themselves live in results/) ---------
 def test_pass_bench_tables_and_plot(tmp_path, monkeypatch):
-    from asarm import bench_pass
+    from asarm.bench import passes as bench_pass
 
     monkeypatch.setattr(bench_pass, "ROWS", (1, 11))
     monkeypatch.setattr(bench_pass, "SAMPLERS", {k: bench_pass.SAMPLERS[k] for k in ("sequential", "ASSD one-pass k=5")})

@@ -151,7 +151,7 @@ def test_quantize_cli(tmp_path, model, capsys):
 
     save_model(model, tmp_path / "f")
     parser = argparse.ArgumentParser()
-    from asarm.quantize_cli import add_quantize_cli
+    from asarm.cli import add_quantize_parser as add_quantize_cli
 
     add_quantize_cli(parser.add_subparsers())
     args = parser.parse_args(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--to", "int8"])

@@ -352,7 +352,7 @@ def test_unknown_length_uses_the_posterior(monkeypatch, server):
 def test_loadtest_runs_and_writes_results(server, tmp_path):
     import json
 
-    from asarm.serve import loadtest
+    from asarm.bench import loadtest
 
     rc = loadtest.main(["--url", server[0], "--clients", "1,2", "--duration", "1", "--repeats", "1",
                         "--max-tokens", "4", "--out", str(tmp_path)])

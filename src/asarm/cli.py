@@ -21,6 +21,7 @@ from pathlib import Path
 from .cli_args import (SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
                        add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads,
                        sampling_options)
+from .config import QUANTIZATIONS
 from .errors import ASARMError, InputError
 
 # Subcommands defined in modules that import torch. `asarm --help` lists them from this table;
@@ -29,7 +30,6 @@ LAZY_COMMANDS = {
     "train": ("train", "train or fine-tune an AS-ARM (the paper's joint objective)"),
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
-    "quantize": ("quantize_cli", "write a weight-only int8 copy of a model (loads with load_model)"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
 }
 
@@ -294,6 +294,29 @@ def add_lazy_command(sub, name: str) -> None:
         add_threads_argument(parser)
 
 
+def cmd_quantize(args) -> int:
+    from .checkpoint import load_model, save_model
+    from .quantize import bytes_per_pass
+
+    # fp32 so that biases and norms are written at full precision; int8 values + fp32 scales
+    model = load_model(args.model, revision=args.revision, device="cpu", dtype="fp32", quantize=args.to)
+    save_model(model, args.out)
+    print(f"wrote {args.out}: {args.to} weight-only ({model.num_parameters() / 1e6:.1f}M weights, "
+          f"{bytes_per_pass(model) / 2**20:.0f} MiB read per pass with fp32 norms/biases)")
+    return 0
+
+
+def add_quantize_parser(sub) -> None:
+    """``asarm quantize MODEL OUT --to int8``: a weight-only int8 copy of a checkpoint, which
+    loads with ``load_model(OUT)`` and states its format in config.json (``asarm_quantization``)."""
+    p = sub.add_parser("quantize", help="write a weight-only int8 copy of a model (loads with load_model)")
+    p.add_argument("model", help="shipped name, checkpoint directory or hub id")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", default="int8", choices=list(QUANTIZATIONS), help="quantization (default int8)")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_quantize)
+
+
 def add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="exact log-likelihood of [[marked]] spans given the rest, in one pass",
                        description="Score the spans written [[like this]] given the rest of the text (the "
@@ -354,6 +377,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infill)
 
     add_length_prior_parser(sub)
+    add_quantize_parser(sub)
 
     p = sub.add_parser("generate", help="continue a prompt (or generate from nothing)",
                        description="Continue a prompt by --length tokens. " + note)

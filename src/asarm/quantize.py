@@ -231,4 +231,4 @@ def floor_columns(model, seconds_per_pass: float, bandwidth: float) -> dict:
                 floor_multiple=seconds_per_pass / floor)
 
 
-# `asarm quantize MODEL OUT --to int8` lives in quantize_cli.py, which imports no torch (fast --help).
+# `asarm quantize MODEL OUT --to int8` is defined in cli.py (its parser imports no torch: fast --help).

@@ -142,11 +142,6 @@ class Row:
     def done(self) -> bool:
         return self.n_decoded >= self.n_hidden
 
-    @property
-    def n(self) -> int:
-        """``n_decoded`` under its old name: asarm bench (bench.py) still reads it."""
-        return self.n_decoded
-
     def view(self) -> RowView:
         return RowView(self.order, self.n_decoded, self.block_size, self.tokens, self.known, self.target,
                        self.generator, self.device, self.vocab_size)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import ContentCache
-from .errors import InputError
+from ..cache import ContentCache
+from ..errors import InputError
 
 ROWS = (1, 2, 4, 8, 11, 16, 32)
 # name: (dtype, quantize, fast pass)
@@ -54,7 +54,7 @@ PROMPT = ("The old man walked slowly to the edge of the village, where the river
 
 
 def load_build(model_name: str, build: str, seed: int):
-    from .bench import load_bench_model
+    from .samplers import load_bench_model
 
     dtype, quantize, fast = BUILDS[build]
     model = load_bench_model(model_name, "cpu", dtype, seed, quantize)
@@ -130,11 +130,11 @@ def bench_passes(models: dict, length: int, rounds: int, passes: int, seed: int)
 def sampler_inputs(model, model_name: str, length: int, seed: int):
     """(ids [B, L], hidden mask [B, L], protocol) for the sampler timings."""
     if model_name == "random-base":
-        from .bench import make_inputs
+        from .samplers import make_inputs
 
         ids, masked = make_inputs("95%", length, model.config.vocab_size, model.config.mask_token_id, 1, seed)
         return ids, masked, f"random tokens, L = {length}, 95% hidden (uniform), bench windows"
-    from .tokenization import encode
+    from ..tokenization import encode
 
     prompt = torch.tensor(encode(model.tokenizer, PROMPT))[:40]
     L = len(prompt) + 80
@@ -147,8 +147,8 @@ def sampler_inputs(model, model_name: str, length: int, seed: int):
 def time_windows(model, ids, masked, decode_kwargs: dict) -> dict:
     """Random-weight models: ``asarm bench``'s windows (their rows accept nearly every draft, so
     whole runs would be a few rounds long)."""
-    from .bench import Config, time_config
-    from .sampling import DecodeConfig
+    from .samplers import Config, time_config
+    from ..sampling import DecodeConfig
 
     stats = time_config(model, ids, masked, Config("x", DecodeConfig(**decode_kwargs)), window=4,
                         stages=(0.0, 0.2, 0.4, 0.6, 0.8), full=False, seed=0)
@@ -158,7 +158,7 @@ def time_windows(model, ids, masked, decode_kwargs: dict) -> dict:
 
 def time_run(model, ids, masked, decode_kwargs: dict, seed: int) -> tuple[float, float]:
     """(seconds, passes) of one whole seeded run."""
-    from .sampling import sample
+    from ..sampling import sample
 
     start = time.perf_counter()
     result = sample(model, ids, masked, seed=seed, **decode_kwargs)
@@ -199,13 +199,13 @@ def bench_samplers(models: dict, model_name: str, length: int, seeds: int, seed:
 
 
 def floor_seconds(model, bandwidth: float) -> float:
-    from .quantize import bytes_per_pass
+    from ..quantize import bytes_per_pass
 
     return bytes_per_pass(model) / bandwidth
 
 
 def run(args) -> int:
-    from .quantize import copy_bandwidth
+    from ..quantize import copy_bandwidth
 
     model_names = args.model.split(",")
     threads = [int(t) for t in args.threads_axis.split(",")]

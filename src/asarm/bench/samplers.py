@@ -1,4 +1,5 @@
-"""``asarm bench``: samplers side by side in one process, same checkpoint, same inputs.
+"""``asarm bench --suite cache|speedups``: samplers side by side in one process, same checkpoint,
+same inputs.
 
 Configurations (docs/design.md): full-recompute sequential (the paper's serial baseline), full-
 recompute ASSD (the paper's ASSD), cached sequential, cached ASSD (self and n-gram drafts),
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ASARMConfig
-from .devices import resolve_device, resolve_dtype
-from .errors import InputError
-from .model import ASARM
-from .sampling import DecodeConfig, Engine, speedup_configs as decode_speedup_configs
+from ..config import ASARMConfig
+from ..devices import resolve_device, resolve_dtype
+from ..errors import InputError
+from ..model import ASARM
+from ..sampling import DecodeConfig, Engine, speedup_configs as decode_speedup_configs
 
 XLNET_BASE = dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, d_inner=3072, dropout=0.0)
 
@@ -123,7 +124,7 @@ def time_config(model, ids, masked, cfg: Config, window: int, stages, full: bool
         handles = [engine.add(fids[b], fmasked[b], cfg.decode, seed=seed, row_index=b) for b in range(len(fids))]
         if not full:
             engine.step()  # untimed: prefill of the known tokens, warm-up
-        before = [(h.row.n, h.row.nfe, h.row.rounds) for h in handles]
+        before = [(h.row.n_decoded, h.row.nfe, h.row.rounds) for h in handles]
         steps, engine.step_seconds, engine.forward_seconds = 0, 0.0, 0.0
         while engine.active and (full or steps < window):
             engine.step()
@@ -132,7 +133,7 @@ def time_config(model, ids, masked, cfg: Config, window: int, stages, full: bool
         forward += engine.forward_seconds
         steps_total += steps
         for h, (n, nfe, rd) in zip(handles, before):
-            tokens += h.row.n - n
+            tokens += h.row.n_decoded - n
             passes += h.row.nfe - nfe
             rounds += h.row.rounds - rd
     return dict(tokens=tokens, passes=passes, rounds=rounds, steps=steps_total, seconds=seconds,
@@ -256,25 +257,22 @@ def load_bench_model(name: str | None, device, dtype, seed: int, quantize: str |
         model = ASARM(ASARMConfig(**XLNET_BASE)).eval()
         model.name_or_path = "random XLNet-base-sized weights"
         if quantize is not None:
-            from .quantize import quantize_model
+            from ..quantize import quantize_model
 
             model = quantize_model(model, quantize)
         default = torch.bfloat16 if quantize is not None else torch.float32  # int8 runs bf16 activations
         model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype) or default)
         return model.use_fast_path(model.device.type == "cpu" if fast_path is None else fast_path)
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
 
     return load_model(name, device=device, dtype=dtype, quantize=quantize, fast_path=fast_path)
 
 
 @torch.no_grad()
-def cmd_bench(args) -> int:
-    from .quantize import copy_bandwidth, floor_columns
-
-    if args.suite == "pass":
-        from . import bench_pass
-
-        return bench_pass.run(args)
+def run(args) -> int:
+    """``asarm bench --suite cache|speedups``: every configuration on every length and setting,
+    written as bench.json, bench.md and bench.png under ``--out``."""
+    from ..quantize import copy_bandwidth, floor_columns
 
     lengths = [int(x) for x in args.lengths.split(",")]
     settings = args.settings.split(",")
@@ -289,7 +287,7 @@ def cmd_bench(args) -> int:
                                  fast_path=False if args.no_fast_path else None)
         corpus = None
         if args.text_file:
-            from .tokenization import encode
+            from ..tokenization import encode
 
             if model.tokenizer is None:
                 raise InputError("--text-file needs a model with a tokenizer")
@@ -306,7 +304,7 @@ def cmd_bench(args) -> int:
                 device=str(model.device), dtype=str(model.dtype), torch=torch.__version__,
                 threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                 window=args.window, full=args.full, timing="full runs" if args.full else
-                "windows at 0/20/40/60/80% decoded (see asarm/bench.py)", command=getattr(args, "command_line", "asarm bench"),
+                "windows at 0/20/40/60/80% decoded (see asarm/bench/samplers.py)", command=getattr(args, "command_line", "asarm bench"),
                 inputs=args.text_file or "uniformly random tokens", full_pass_seconds=full_pass,
                 copy_bandwidth_bytes_per_s=bandwidth)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, records=records), indent=2))
@@ -318,49 +316,3 @@ def cmd_bench(args) -> int:
           ", ".join(f"L={L}: {t:.3f}s" for L, t in full_pass.items()))
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("bench", help="time the samplers side by side (JSON + markdown + PNG)")
-    p.add_argument("--model", default="random-base", help="'random-base' (XLNet-base-sized random weights) or a model")
-    p.add_argument("--lengths", default="128,256,512,1024")
-    p.add_argument("--settings", default="95%,50%-spans", help="95%% (paper) and/or 50%%-spans")
-    p.add_argument("--batch-sizes", default="8,32", help="batched cached ASSD sizes ('' for none)")
-    p.add_argument("--suite", default="cache", choices=["cache", "speedups", "pass"],
-                   help="cache: full recompute vs cache vs batches; speedups: plain ASSD vs bonus/one-pass/adaptive k; "
-                        "pass: ms per cached pass against its rows and every sampler's tokens/s, per build "
-                        "(eager/fast, fp32/bf16/int8; --model takes a comma-separated list there)")
-    p.add_argument("--builds", default="all",
-                   help="--suite pass: comma-separated builds to compare, from eager/fast x fp32/bf16/int8, "
-                        "e.g. 'fast bf16,fast int8' (default all; eager fp32, the reference, is always included)")
-    p.add_argument("--thread-counts", dest="threads_axis", default="1,2", help="--suite pass: torch thread counts")
-    p.add_argument("--rounds", type=int, default=5, help="--suite pass: rounds of passes per build")
-    p.add_argument("--seeds", type=int, default=3, help="--suite pass: seeded runs per sampler (shipped models)")
-    p.add_argument("--no-fast-path", action="store_true", help="run the eager pass (default: the fast pass on CPUs)")
-    p.add_argument("--only", default=None, help="comma-separated substrings of configuration names to run")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--text-file", default=None, help="take visible tokens from this text (.txt or .gz) "
-                   "instead of random tokens; needs a model with a tokenizer")
-    p.add_argument("--window", type=int, default=6, help="timed passes per window")
-    p.add_argument("--full", action="store_true", help="time whole runs instead of windows")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--quantize", default="none", help="comma-separated axis of weight quantizations: none, int8 "
-                   "(int8 runs bf16 activations unless --dtype says otherwise)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/bench")
-    p.set_defaults(func=cmd_bench)
-    from .serve import loadtest  # the standard library and httpx only: no server stack
-
-    targets = p.add_subparsers(dest="bench_target", metavar="serve", required=False,
-                               help="'asarm bench serve ...': load-test the server instead (asarm bench serve --help)")
-    q = targets.add_parser("serve", help="load-test asarm serve on loopback: N concurrent clients vs one at a time",
-                           description=loadtest.__doc__.split("\n\n")[0])
-    loadtest.add_arguments(q)
-    q.set_defaults(func=cmd_bench_serve)
-
-
-def cmd_bench_serve(args) -> int:
-    from .serve import loadtest
-
-    return loadtest.run(args, args.command_line)

@@ -1,7 +1,7 @@
 """Load test of ``asarm serve`` on loopback: closed-loop clients for a bounded time.
 
     asarm bench serve --clients 1,8,32 --duration 30 --repeats 3 --out results/serve-cpu
-    python -m asarm.serve.loadtest ...   (the same)
+    python -m asarm.bench.loadtest ...   (the same)
 
 Starts ``asarm serve`` as a subprocess (or uses ``--url``), then for each client count N runs N
 clients that each send /v1/completions requests back to back for ``--duration`` seconds (then
@@ -189,13 +189,13 @@ def summarize(runs: list[dict], counts: list[int]) -> list[dict]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m asarm.serve.loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m asarm.bench.loadtest", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return p.parse_args(argv)
 
 
 def add_arguments(p) -> None:
-    """The load test's options (``python -m asarm.serve.loadtest`` and ``asarm bench serve``)."""
+    """The load test's options (``python -m asarm.bench.loadtest`` and ``asarm bench serve``)."""
     p.add_argument("--url", default=None, help="an already running server (default: start asarm serve)")
     p.add_argument("--model", default=None, help="model for the started server (default asarm-en-small)")
     p.add_argument("--clients", default="1,8,32", help="comma-separated client counts; 1 = one at a time")
@@ -215,7 +215,7 @@ def add_arguments(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run(parse_args(argv), "python -m asarm.serve.loadtest " + " ".join(argv))
+    return run(parse_args(argv), "python -m asarm.bench.loadtest " + " ".join(argv))
 
 
 def run(args, command: str) -> int:
