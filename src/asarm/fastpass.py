@@ -41,7 +41,7 @@ from torch import nn
 
 
 from .devices import native_bf16_cpu
-from .ranks import NO_KEY
+from .ranks import pass_geometry
 
 # Activations oneDNN applies as a post-op of the matmul: our name -> (attr, algorithm).
 _ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "relu": ("relu", "")}
@@ -146,39 +146,25 @@ class FastPass:
     def forward_rows(self, content_ids, content_pos, content_rank, query_pos, query_rank, cache=None, rel_table=None):
         """Same arguments and result as ``ASARM.forward_rows`` (see there)."""
         model, n, dh = self.model, self.n_head, self.d_head
-        if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
-            content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
-            content_rank = torch.full_like(content_pos, NO_KEY)
-        B, N = content_ids.shape
+        geo = pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
+                            model.relative_table)
+        B, N = geo.content_ids.shape
         Q = query_pos.shape[1]
         T = N + Q
-        content_rank, query_rank = content_rank.long(), query_rank.long()
-        row_pos = torch.cat([content_pos, query_pos], dim=1).long()
-        row_limit = torch.cat([(content_rank + 1).clamp(max=NO_KEY), query_rank], dim=1)
-        if cache is None:
-            key_pos, key_rank = content_pos.long(), content_rank
-        else:
-            key_pos, key_rank = cache.write_slots(content_pos, content_rank)
-        span = int(max(row_pos.max().item(), key_pos.max().item())) + 1
-        if rel_table is None or rel_table[0].shape[-1] < 2 * span - 1:
-            rel_table = model.relative_table(span)
-        table_span = (rel_table[0].shape[-1] + 1) // 2
-
-        # Built once per pass, shared by every layer: which (row, key) pairs may attend, each
-        # pair's relative-distance column, and which rows see any key at all.
-        K = key_pos.shape[1]
-        allowed = key_rank[:, None, :] < row_limit[:, :, None]  # [B, T, K]
-        additive_mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        additive_mask.masked_fill_(~allowed, self.masked_value)
+        K = geo.allowed.shape[-1]
+        # Built once per pass, shared by every layer: the additive mask and each (row, key)
+        # pair's relative-distance column, broadcast over heads.
+        additive_mask = torch.zeros(geo.allowed.shape, dtype=self.dtype, device=geo.allowed.device)
+        additive_mask.masked_fill_(~geo.allowed, self.masked_value)
         additive_mask = additive_mask[:, None]  # [B, 1, T, K]
-        rel_index = (row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1))[:, None].expand(B, n, T, K)
+        rel_index = geo.rel_index[:, None].expand(B, n, T, K)
 
-        rows = _Rows(torch.cat([content_rank != NO_KEY, query_rank > 0], dim=1), N)
-        has_key = allowed.any(-1)
+        rows = _Rows(geo.real_rows, N)
+        has_key = geo.allowed.any(-1)
         # Rows that see no key at all (the first query when nothing is visible) get a zero
         # attention output (see model.py); most passes have none, and skip the multiply.
         keyless = None if bool(has_key.all()) else rows.pack(has_key.reshape(B * T, 1).to(self.dtype))
-        x = torch.cat([model.transformer.word_embedding(content_ids).to(self.dtype),
+        x = torch.cat([model.transformer.word_embedding(geo.content_ids).to(self.dtype),
                        model.transformer.mask_emb.expand(B, Q, -1)], dim=1)
         x = rows.pack(x.reshape(B * T, -1))  # [R, d]: real rows only, for the whole pass
         nd = n * dh
@@ -193,9 +179,9 @@ class FastPass:
             # Position term as in ``RelativeAttention``: every row against the relative table,
             # then each (row, key) pair's distance picked out.
             if B == 1:  # a plain batched matmul over heads: about half the time of einsum's path
-                pos_scores = torch.matmul(q[0] + layer.r_r_bias, rel_table[i])[None]
+                pos_scores = torch.matmul(q[0] + layer.r_r_bias, geo.rel_table[i])[None]
             else:
-                pos_scores = torch.einsum("bntd,ndr->bntr", q + layer.r_r_bias, rel_table[i])
+                pos_scores = torch.einsum("bntd,ndr->bntr", q + layer.r_r_bias, geo.rel_table[i])
             bias = torch.add(additive_mask, pos_scores.gather(-1, rel_index), alpha=self.scale)
             attn = F.scaled_dot_product_attention(q + layer.r_w_bias, keys.transpose(1, 2), values.transpose(1, 2),
                                                   attn_mask=bias, scale=self.scale)

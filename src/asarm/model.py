@@ -36,7 +36,7 @@ from . import quantize as quant
 from . import storage
 from .config import ASARMConfig
 from .errors import CheckpointError, InputError
-from .ranks import NO_KEY, key_ranks  # NO_KEY: the one "no key / padding" sentinel (ranks.py)
+from .ranks import NO_KEY, key_ranks, pass_geometry  # NO_KEY: the one "no key / padding" sentinel (ranks.py)
 
 # Additive attention bias for keys a row may not see; finite so fully masked rows stay finite.
 MASKED_SCORE = -1e30
@@ -336,32 +336,15 @@ class ASARM(nn.Module):
         if self._fast_pass is not None and not torch.is_grad_enabled():
             return self._fast_pass.forward_rows(content_ids, content_pos, content_rank, query_pos, query_rank,
                                                 cache, rel_table)
-        if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
-            content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
-            content_rank = torch.full_like(content_pos, NO_KEY)
-        B, N = content_ids.shape
-        content_rank = content_rank.long()
-        query_rank = query_rank.long()
-        row_pos = torch.cat([content_pos, query_pos], dim=1).long()
-        row_limit = torch.cat([(content_rank + 1).clamp(max=NO_KEY), query_rank], dim=1)
-        if cache is None:
-            key_pos, key_rank = content_pos.long(), content_rank
-        else:
-            key_pos, key_rank = cache.write_slots(content_pos, content_rank)
-        span = int(max(row_pos.max().item(), key_pos.max().item())) + 1 if row_pos.numel() else 1
-        if rel_table is None or rel_table[0].shape[-1] < 2 * span - 1:
-            rel_table = self.relative_table(span)
-        table_span = (rel_table[0].shape[-1] + 1) // 2
-        rel_index = row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1)
-        allowed = key_rank[:, None, :] < row_limit[:, :, None]
-        bias_parts = (rel_index, allowed, allowed.any(-1))
-
+        geo = pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
+                            self.relative_table)
+        B, N = geo.content_ids.shape
+        bias_parts = (geo.rel_index, geo.allowed, geo.allowed.any(-1))
         # Padding rows (content rank NO_KEY, query rank 0) are left out of every matmul.
-        rows = torch.cat([content_rank != NO_KEY, query_rank > 0], dim=1)
-        rows = None if bool(rows.all()) else rows
+        rows = None if bool(geo.real_rows.all()) else geo.real_rows
         content_rows, query_rows = (None, None) if rows is None else (rows[:, :N], rows[:, N:])
 
-        h = self.dropout(self.transformer.word_embedding(content_ids).to(self.dtype))
+        h = self.dropout(self.transformer.word_embedding(geo.content_ids).to(self.dtype))
         g = self.dropout(self.transformer.mask_emb.expand(B, query_pos.shape[1], -1))
         x = torch.cat([h, g], dim=1)
         for i, layer in enumerate(self.transformer.layer):
@@ -373,7 +356,7 @@ class ASARM(nn.Module):
                 keys, values = k_new, v_new
             else:
                 keys, values = cache.write_layer(i, k_new, v_new)
-            x = on_rows(layer.ff, rows, attn(x, keys, values, bias_parts, rel_table[i], rows))
+            x = on_rows(layer.ff, rows, attn(x, keys, values, bias_parts, geo.rel_table[i], rows))
         return on_rows(lambda t: self.lm_loss(self.dropout(t)), query_rows, x[:, N:])
 
     def chain_logits(self, input_ids: torch.Tensor, ranks: torch.Tensor, rel_table=None):

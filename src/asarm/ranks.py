@@ -8,6 +8,7 @@ is the one place that turns a hidden mask plus an order into ranks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -100,3 +101,42 @@ def random_order_probability(random_order: bool | float) -> float:
     if not isinstance(random_order, (int, float)) or not 0 <= random_order <= 1:
         raise InputError(f"random_order must be true, false or a probability in [0, 1], got {random_order!r}")
     return float(random_order)
+
+
+class PassGeometry(NamedTuple):
+    """What one pass's rows may see, shared by the eager and the fast pass (built once per pass,
+    used by every layer): the rows are the pass's N content rows then its Q query rows."""
+
+    content_ids: torch.Tensor  # [B, N] (one padding row when the pass has no content)
+    content_rank: torch.Tensor  # [B, N] long, NO_KEY for padding
+    query_rank: torch.Tensor  # [B, Q] long, 0 for padding
+    allowed: torch.Tensor  # [B, N + Q, K] bool: row may attend to key (key_rank < row limit)
+    rel_index: torch.Tensor  # [B, N + Q, K] column of each (row, key) distance in ``rel_table``
+    rel_table: list  # per layer [n_head, d_head, 2 * span - 1]
+    real_rows: torch.Tensor  # [B, N + Q] bool: not padding
+
+
+def pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
+                  make_table) -> PassGeometry:
+    """The pass's keys (this pass's content rows, or the cache's committed slots followed by them:
+    ``cache.write_slots`` places them), which row sees which key (a key is visible to a row iff
+    key_rank < limit: rank + 1 for content rows, rank for query rows), and each pair's relative
+    distance as a column of ``rel_table`` (``make_table(span)`` when it is missing or too short)."""
+    if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
+        content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
+        content_rank = torch.full_like(content_pos, NO_KEY)
+    content_rank, query_rank = content_rank.long(), query_rank.long()
+    row_pos = torch.cat([content_pos, query_pos], dim=1).long()
+    row_limit = torch.cat([(content_rank + 1).clamp(max=NO_KEY), query_rank], dim=1)
+    if cache is None:
+        key_pos, key_rank = content_pos.long(), content_rank
+    else:
+        key_pos, key_rank = cache.write_slots(content_pos, content_rank)
+    span = int(max(row_pos.max().item(), key_pos.max().item())) + 1 if row_pos.numel() else 1
+    if rel_table is None or rel_table[0].shape[-1] < 2 * span - 1:
+        rel_table = make_table(span)
+    table_span = (rel_table[0].shape[-1] + 1) // 2
+    rel_index = row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1)
+    allowed = key_rank[:, None, :] < row_limit[:, :, None]
+    real_rows = torch.cat([content_rank != NO_KEY, query_rank > 0], dim=1)
+    return PassGeometry(content_ids, content_rank, query_rank, allowed, rel_index, rel_table, real_rows)
