@@ -27,6 +27,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..errors import InputError
 from ..model import ASARM
 from ..sampling import DecodeConfig, Engine, speedup_configs as decode_speedup_configs
+from ..sampling.config import PROPOSERS
 
 XLNET_BASE = dict(vocab_size=32000, d_model=768, n_layer=12, n_head=12, d_inner=3072, dropout=0.0)
 
@@ -62,8 +63,8 @@ def _speedup_name(c: DecodeConfig) -> str:
     """"ASSD + one-pass + adaptive k": the names earlier result files use."""
     if c.method == "sequential":
         return "cached sequential"
-    return " + ".join(["ASSD" + (" n-gram" if c.draft == "ngram" else "")] +
-                      [v.replace("adaptive-k", "adaptive k") for v in c.variants])
+    draft = "" if c.draft == "self" else " " + PROPOSERS[c.draft].label.removesuffix(" draft")  # "ASSD n-gram"
+    return " + ".join(["ASSD" + draft] + [v.replace("adaptive-k", "adaptive k") for v in c.variants])
 
 
 def make_inputs(setting: str, length: int, vocab: int, mask_id: int, batch: int, seed: int, corpus=None):
