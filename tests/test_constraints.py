@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from asarm.sampling.constraints import HoleConstraint
 from asarm.text.constraints import compile_regex, compile_spec, escape_regex, token_bytes
 from asarm.tokenization import train_tokenizer
 from exact import chain_logits_reference, g_test, stable_seed
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 ALPHA = 1e-3
 N_SAMPLES = 3000
@@ -277,10 +280,10 @@ def test_thousand_random_cases_always_match(tok, model300):
 # --- from text ------------------------------------------------------------------------------------
 def test_infill_with_constraints(tok, model300):
     for options in (dict(method="sequential"), dict(k=3), dict(draft="ngram"), dict(one_pass=True)):
-        text = asarm.infill(model300, "The year [MASK:3] was cold. Colors:[MASK:2].", tokenizer=tok, seed=2,
+        text = asarm.infill(model300, "The year [MASK:3] was cold. Colors:[MASK:1-6].", tokenizer=tok, seed=2,
                             constraints={0: {"regex": r" [0-9]+"}, "1": {"choice": [" red", " blue", " green"]}},
                             **options)
-        m = re.fullmatch(r"The year ( [0-9]+) was cold\. Colors:( red| blue| green)\.", text)
+        m = re.fullmatch(r"The year( [0-9]+) was cold\. Colors:( red| blue| green)\.", text)
         assert m, text
 
 
@@ -326,3 +329,43 @@ def test_escape_regex_matches_literally():
 def test_compiled_automata_are_cached(tok):
     spec = {"regex": r" [0-9]+"}
     assert compile_spec(spec, tok, 300, {6}) is compile_spec(dict(spec), tok, 300, [6])
+
+
+# --- interfaces -------------------------------------------------------------------------------------
+def test_cli_constraints(capsys):
+    from asarm.cli import main
+
+    code = main(["infill", "Born in [MASK:2] and dressed in [MASK:3].", "--model", "asarm-en-small", "--seed", "1",
+                 "--constraint", "0:regex: [0-9]{4}", "--constraint", "1:choice: red| dark blue"])
+    out = capsys.readouterr().out
+    assert code == 0 and re.fullmatch(r"Born in [0-9]{4} and dressed in( red| dark blue)\.\n", out), out
+    code = main(["infill", "A [MASK:2] b.", "--model", "asarm-en-small", "--constraints", '{"0": {"regex": "a("}}'])
+    captured = capsys.readouterr()
+    assert code == 2 and "invalid regex" in captured.err and captured.out == ""
+    code = main(["infill", "A [MASK:2] b.", "--model", "asarm-en-small", "--constraint", "3:regex:x"])
+    assert code == 2 and "no hole 3" in capsys.readouterr().err
+
+
+def test_server_constraints():
+    import httpx
+    from serve_util import running_server
+
+    with running_server(max_batch=8) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/infill", json={"text": "Born in [MASK:2], dressed in [MASK].", "seed": 3, "n": 3,
+                                            "constraints": {"0": {"regex": r" [0-9]{4}"},
+                                                            "1": {"choice": [" red", " dark blue"]}}})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            assert re.fullmatch(r"Born in [0-9]{4}, dressed in( red| dark blue)\.", choice["text"]), choice
+        r = client.post("/v1/completions", json={"prompt": "The colour is ", "suffix": ".", "max_tokens": 6,
+                                                 "guided_choice": ["red", "dark blue"], "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] in ("red", "dark blue")
+        r = client.post("/v1/completions", json={"prompt": "Year:", "max_tokens": 6, "guided_regex": r" [0-9]{4}",
+                                                 "seed": 1})
+        assert r.status_code == 200 and re.fullmatch(r" [0-9]{4}", r.json()["choices"][0]["text"]), r.text
+        for body in ({"text": "a [MASK:2] b", "constraints": {"0": {"regex": "a("}}},
+                     {"text": "a [MASK:2] b", "constraints": {"1": {"regex": "a"}}},
+                     {"text": "a [MASK:1] b", "constraints": {"0": {"choice": [" a b c d e f g h"]}}}):
+            r = client.post("/v1/infill", json=body)
+            assert r.status_code == 400, r.text
