@@ -69,8 +69,8 @@ def spec_regex(kind: str, value: str, where: str = "constraint") -> str:
         return "(" + "|".join(escape_regex(c) for c in json.loads(value)) + ")"
     from outlines_core.json_schema import build_regex_from_schema
 
-    try:
-        return build_regex_from_schema(value)
+    try:  # JSON allows whitespace before a value: one space, the one a hole takes over from the text
+        return "[ ]?(?:" + build_regex_from_schema(value) + ")"
     except Exception as exc:  # outlines-core raises its own error types for unsupported schemas
         raise InputError(f"{where}: cannot use this JSON schema ({exc})") from None
 
