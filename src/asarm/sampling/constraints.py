@@ -37,6 +37,7 @@ import torch
 
 from .target import draw
 
+MAX_CACHED_MASKS = 4096  # per automaton: 32 MiB with a 8,192-token vocabulary
 DEAD = -1  # no state: the tokens so far leave the automaton (never on an accepted path)
 
 
@@ -129,6 +130,8 @@ class TokenAutomaton:
                 return None
             mask[torch.tensor(ids)] = True
             mask = mask.to(device)
+            if len(self._masks) >= MAX_CACHED_MASKS:  # a bounded cache: a long-running server keeps its memory
+                self._masks.clear()
             self._masks[key] = mask
         return mask
 
