@@ -230,7 +230,7 @@ def test_masks_equal_brute_force(regex):
 CORPUS = ("The year 1984 was cold. Colors: red, blue, green. id = foo_bar2; x = 42\n"
           "Once upon a time there was a small cat. The cat sat on the warm mat.\n") * 10
 REGEXES = [r" ?[0-9]{1,4}", r" (red|blue|green)", r"[a-z_]+[0-9]?", r" [A-Z][a-z]*", r"( cat| mat)+", r"[^\n]*",
-           r" ?(yes|no)", r"\d+(\.\d\d)?", r" [a-z]+( [a-z]+)*"]
+           r" ?(yes|no)", r"[0-9]+(\.[0-9][0-9])?", r" [a-z]+( [a-z]+)*"]
 CHOICES = [[" red", " blue", " green"], ["cat", "dog"], [" 1984", " 42", " x = 42"]]
 
 
