@@ -105,9 +105,42 @@ def length_options(args) -> dict:
     stop = getattr(args, "stop_at", None)
     if stop is not None:
         stop = {"newline": "\n", "eos": "</s>"}.get(stop, stop.replace("\\n", "\n").replace("\\t", "\t"))
-    return dict(max_hole=getattr(args, "max_hole", None), length_prior=prior,
-                factorization=getattr(args, "factorization", None), stop_at=stop,
-                allow_special=getattr(args, "allow_special", False))
+    options = dict(max_hole=getattr(args, "max_hole", None), length_prior=prior,
+                   factorization=getattr(args, "factorization", None), stop_at=stop,
+                   allow_special=getattr(args, "allow_special", False))
+    constraints = constraint_options(getattr(args, "constraint", None), getattr(args, "constraints", None))
+    if constraints:
+        options["constraints"] = constraints
+    return options
+
+
+def constraint_options(items, raw) -> dict:
+    """{hole: spec} from ``--constraint HOLE:KIND:VALUE`` (repeatable) and ``--constraints JSON|FILE``."""
+    out: dict = {}
+    if raw is not None:
+        text = Path(raw).read_text(encoding="utf-8") if not raw.lstrip().startswith("{") and Path(raw).is_file() else raw
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--constraints: not valid JSON ({exc}); give {{\"0\": {{\"regex\": \"...\"}}}} or a file") from None
+        if not isinstance(parsed, dict):
+            raise InputError("--constraints: give a JSON object {hole index: spec}")
+        out.update(parsed)
+    for item in items or ():
+        hole_index, sep, rest = item.partition(":")
+        kind, sep2, value = rest.partition(":")
+        if not sep or not sep2 or not hole_index.strip().isdigit():
+            raise InputError(f"--constraint {item!r}: write HOLE:KIND:VALUE, e.g. 0:regex:'[0-9]+' or 1:choice:'red|blue'")
+        if kind == "choice":
+            spec = {"choice": value.split("|")}
+        elif kind in ("regex", "json_schema"):
+            spec = {kind: value}
+        else:
+            raise InputError(f"--constraint {item!r}: KIND is regex, choice or json_schema, got {kind!r}")
+        if str(int(hole_index)) in {str(k) for k in out}:
+            raise InputError(f"--constraint: hole {int(hole_index)} is constrained twice")
+        out[str(int(hole_index))] = spec
+    return out
 
 
 def run_infill(args, text: str) -> int:
@@ -372,6 +405,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "string: newline, eos, or any text ('\\n' is a newline)")
     p.add_argument("--allow-special", action="store_true", help="let holes contain the special tokens that are not "
                    "text (<unk>, <s>, padding, ...); by default they are excluded inside the target distribution")
+    p.add_argument("--constraint", action="append", default=None, metavar="HOLE:KIND:VALUE",
+                   help="constrain hole HOLE (0 = first) to a regex, a choice (values separated by '|') or a "
+                        "json_schema, e.g. 0:regex:' [0-9]{4}' or 1:choice:' red| blue' (repeatable)")
+    p.add_argument("--constraints", default=None, metavar="JSON|FILE",
+                   help="all constraints as JSON {hole: {\"regex\"|\"choice\"|\"json_schema\": ...}}, or a file of it")
     add_model_arguments(p, generation=True)
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_infill)

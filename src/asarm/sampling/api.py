@@ -42,7 +42,7 @@ def _valid_lengths(attention_mask, B: int, L: int) -> torch.Tensor:
 def sample(model, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeConfig | None = None, *,
            order="left-to-right", seed: int | None = None, attention_mask: torch.Tensor | None = None,
            return_logprobs: bool = False, callback: Callable[[int, list[int], list[int]], None] | None = None,
-           **options) -> SampleResult:
+           constraints=None, **options) -> SampleResult:
     """Fill the hidden positions of ``input_ids`` by exact chain sampling.
 
     input_ids: LongTensor [B, L] or [L]; masked: BoolTensor of the same shape, True = hidden.
@@ -53,6 +53,9 @@ def sample(model, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeC
     result does not depend on the batch it is in. attention_mask: Bool [B, L], False for right
     padding. return_logprobs: fill ``token_logprobs`` with each sampled token's target-chain
     log-prob. callback(row, positions, tokens) is called as each round's tokens are accepted.
+    constraints: per row a list of ``asarm.sampling.constraints.HoleConstraint`` (or None), or
+    one list for a single row: those holes are filled inside their automata (exact for the
+    locally renormalized chain; docs/constraints.md).
     """
     if config is None:
         config = DecodeConfig(**options)
@@ -67,11 +70,16 @@ def sample(model, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeC
     valid_len = _valid_lengths(attention_mask, B, L)
     seed = resolve_seed(seed)
     engine = Engine(model, cache=config.cache)
+    if constraints and not isinstance(constraints[0], (list, tuple, type(None))):  # one row's holes
+        constraints = [constraints]
+    if constraints is not None and len(constraints) != B:
+        raise InputError(f"got constraints for {len(constraints)} rows, but the batch has {B}")
     handles = []
     for b, row_order in enumerate(row_orders(order, B)):
         n = int(valid_len[b])
         on_round = None if callback is None else (lambda ev, b=b: callback(b, ev.positions, ev.tokens))
         handles.append(engine.add(ids[b, :n], hid[b, :n].cpu(), config, seed=seed, row_index=b, order=row_order,
-                                  on_round=on_round, return_logprobs=return_logprobs))
+                                  on_round=on_round, return_logprobs=return_logprobs,
+                                  constraints=None if constraints is None else constraints[b]))
     engine.run()
     return SampleResult.of_rows([h.row for h in handles], ids, return_logprobs, time.perf_counter() - start, squeeze)

@@ -57,6 +57,15 @@ class Decisions:
     drawn_prob: torch.Tensor  # [B, Q] its target probability
     verdict: Verdict | None  # rows that verified drafts (None when no row did)
 
+    def force(self, draws: dict[tuple[int, int], tuple[int, float]]) -> None:
+        """Use these draws ({(row, query row): (token, probability)}) for those query rows:
+        constrained rows draw them one after another, each inside the mask the draws before it
+        set (asarm.sampling.constraints.constrain_pass), with the same uniforms."""
+        index = torch.tensor(list(draws), dtype=torch.long, device=self.drawn.device)
+        values = torch.tensor(list(draws.values()), dtype=torch.float64, device=self.drawn.device)
+        self.drawn[index[:, 0], index[:, 1]] = values[:, 0]
+        self.drawn_prob[index[:, 0], index[:, 1]] = values[:, 1]
+
     def outcomes(self, plans: list[Plan], probs: torch.Tensor) -> list[Outcome]:
         """Per-row outcomes; the one device-to-host transfer of the pass."""
         B, Q = self.drawn.shape
@@ -113,8 +122,11 @@ class Engine:
     @torch.no_grad()
     def add(self, input_ids: torch.Tensor, masked: torch.Tensor, config: DecodeConfig | None = None, *,
             seed: int | None = None, row_index: int = 0, order="left-to-right",
-            on_round: Callable[[RoundEvent], None] | None = None, return_logprobs: bool = False) -> RowHandle:
-        """Queue one row ([L] ids and hidden mask) to be decoded from the next step on."""
+            on_round: Callable[[RoundEvent], None] | None = None, return_logprobs: bool = False,
+            constraints=None) -> RowHandle:
+        """Queue one row ([L] ids and hidden mask) to be decoded from the next step on.
+        ``constraints``: ``HoleConstraint``s of the row's constrained holes (each decoded left to
+        right, every draw inside its mask; asarm.sampling.constraints)."""
         config = config or DecodeConfig()
         if config.cache != self.use_cache:
             raise InputError(f"this engine runs with cache={self.use_cache}; the row asks for cache={config.cache}")
@@ -125,7 +137,16 @@ class Engine:
         row_order = decoding_order(hidden, order, gen)
         tokens[hidden] = self.model.config.mask_token_id
         cfg = self.model.config
-        row = Row(tokens, row_order, config, config.target(cfg.mask_token_id), gen, self.device, cfg.vocab_size, on_round)
+        constraint = None
+        if constraints:
+            from .constraints import RowConstraint
+
+            try:
+                constraint = RowConstraint(constraints, tokens.shape[0], hidden)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        row = Row(tokens, row_order, config, config.target(cfg.mask_token_id), gen, self.device, cfg.vocab_size, on_round,
+                  constraint)
         handle = RowHandle(row, input_ids, return_logprobs)
         if row.done:
             handle.finished = time.perf_counter()
@@ -156,7 +177,11 @@ class Engine:
         plans = [row.plan(self.use_cache) for row in rows]
         logits = self._forward(plans)
         probs = self._target_probs(rows, logits)
-        outcomes = self._decide(rows, plans, probs).outcomes(plans, probs)
+        forced = self._constrain(rows, plans, logits, probs)
+        decisions = self._decide(rows, plans, probs)
+        if forced:
+            decisions.force(forced)
+        outcomes = decisions.outcomes(plans, probs)
         kept = [row.advance(plan, out)[0] for row, plan, out in zip(rows, plans, outcomes)]
         if self.cache is not None:
             self.cache.commit(torch.tensor(kept))
@@ -204,6 +229,15 @@ class Engine:
             idx = torch.tensor([b for b, u in enumerate(targets) if u == t], device=logits.device)
             probs[idx] = t.probs(logits[idx]).double()
         return probs
+
+    def _constrain(self, rows: list[Row], plans: list[Plan], logits: torch.Tensor, probs: torch.Tensor) -> dict:
+        """Constrained rows' masks into ``probs`` (in place) and the draws that chain through
+        them (asarm.sampling.constraints.constrain_pass); nothing for unconstrained batches."""
+        if all(row.constraint is None for row in rows):
+            return {}
+        from .constraints import constrain_pass
+
+        return constrain_pass(rows, plans, logits, probs)
 
     def _decide(self, rows: list[Row], plans: list[Plan], probs: torch.Tensor) -> Decisions:
         """Draws and verification for the whole batch, on the model's device."""

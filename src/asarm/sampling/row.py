@@ -44,6 +44,7 @@ class Plan:
     target_rows: list[int] = dataclasses.field(default_factory=list)  # verify: query row of each draft (-1: exact)
     bonus_row: int = -1  # verify: the query after the block, seeing every draft
     n_lookahead: int = 0  # verify: proposal queries after the bonus query
+    uniforms: torch.Tensor | None = None  # the row's uniforms for this pass, drawn once (Row.uniforms)
 
     @property
     def first_drawn(self) -> int:
@@ -119,9 +120,11 @@ class SampleResult:
 
 
 class Row:
-    def __init__(self, tokens, order, config, target, generator, device, vocab_size, on_round=None):
+    def __init__(self, tokens, order, config, target, generator, device, vocab_size, on_round=None,
+                 constraint=None):
         self.tokens = tokens  # [L] CPU long; hidden positions hold the mask token until decoded
-        self.order = order.tolist()
+        self.constraint = constraint  # a RowConstraint (asarm.sampling.constraints), or None
+        self.order = order.tolist() if constraint is None else constraint.reorder(order.tolist())
         self.n_hidden, self.n_decoded = len(self.order), 0
         self.config, self.target, self.generator = config, target, generator
         self.device, self.vocab_size = device, vocab_size
@@ -161,7 +164,7 @@ class Row:
             if self.draft_pass:
                 queries = [Query(*q) for q in self.proposer.draft_queries(self.view(), block)]
                 return Plan("draft", base, queries, len(base))
-            self.block = self.proposer.propose(self.view(), block, None)
+            self.block = self._fit(self.proposer.propose(self.view(), block, None))
             self.draft_calls += 1
         return self._verify_plan(base)
 
@@ -192,8 +195,10 @@ class Row:
         """This row's uniforms for a pass: one per query row, one per verified draft, one for
         the replacement/bonus draw. Drawn from the row's own generator, so a row's tokens do
         not depend on the batch it runs in."""
-        n = len(plan.queries) + len(plan.target_rows) + 1
-        return torch.rand(n, generator=self.generator, dtype=torch.float64)
+        if plan.uniforms is None:  # drawn once: constrained rows read them before the pass's decisions
+            n = len(plan.queries) + len(plan.target_rows) + 1
+            plan.uniforms = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        return plan.uniforms
 
     # --- the pass's outcome --------------------------------------------------------------------
     def advance(self, plan: Plan, out: Outcome) -> tuple[int, list[int]]:
@@ -203,7 +208,7 @@ class Row:
             return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
         if plan.kind == "draft":
             self.draft_calls += 1
-            self.block = self.proposer.propose(self.view(), len(plan.queries), Drawn(out.drawn, out.probs))
+            self.block = self._fit(self.proposer.propose(self.view(), len(plan.queries), Drawn(out.drawn, out.probs)))
             self.pending = []
             if len(self.block) == 1:  # one position left: its draft is the exact conditional
                 self.block = None
@@ -225,8 +230,15 @@ class Row:
             start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
             extra = Drawn(out.drawn[start:], out.probs[start:])
             checked = out.probs[plan.target_rows[j + 1 :] if rejected else []]
-            self.block = self.proposer.carry(self.view(), block.tail(j + 1) if rejected else None, checked, extra)
+            self.block = self._fit(self.proposer.carry(self.view(), block.tail(j + 1) if rejected else None, checked,
+                                                       extra))
         return commit, positions
+
+    def _fit(self, block: Block | None) -> Block | None:
+        """A constrained row's block with every draft inside its mask (RowConstraint.fit_block)."""
+        if self.constraint is None or block is None:
+            return block
+        return self.constraint.fit_block(block, self.order, self.n_decoded, self.generator)
 
     def _decode(self, tokens: list[int], probs: list[float], resampled: int | None = None) -> list[int]:
         """Record tokens for the next positions of the order; the last one's content is pending."""
@@ -236,6 +248,8 @@ class Row:
             self.logprobs[pos] = math.log(p) if p > 0 else -math.inf
             self.known[pos] = True
         self.n_decoded += len(tokens)
+        if self.constraint is not None:
+            self.constraint.observe(positions, tokens)
         self.pending = [Content(positions[-1], tokens[-1], self.n_decoded)]
         if self.proposer is not None:
             self.proposer.observe(self.view(), positions)

@@ -28,12 +28,16 @@ class TargetDistribution:
     top_p: float | None = None
     suppress: tuple[int, ...] = ()
 
-    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+    def logits(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Final (log-)weights, -inf where a token is excluded: float32, or float64 when the
-        temperature is below float32's range (so even T = 1e-300 stays finite)."""
+        temperature is below float32's range (so even T = 1e-300 stays finite). ``allowed``
+        (bool, broadcast to ``logits``): a constrained hole's mask, excluded like the rest
+        before everything else (asarm.sampling.constraints)."""
         dtype = torch.float64 if self.temperature < 1e-30 else torch.float32
         excluded = torch.tensor((self.mask_token_id, *self.suppress), device=logits.device)
         x = logits.to(dtype).index_fill(-1, excluded, -math.inf)  # a new tensor: edited in place below
+        if allowed is not None:
+            x.masked_fill_(~allowed, -math.inf)
         if self.greedy:
             best = x.argmax(-1, keepdim=True)
             return x.fill_(-math.inf).scatter_(-1, best, 0.0)
@@ -50,10 +54,10 @@ class TargetDistribution:
             x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted), -math.inf)
         return x
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities (float32; float64 for tiny temperatures). Drawing and acceptance
         convert the entries they use to float64."""
-        return torch.softmax(self.logits(logits), dim=-1)
+        return torch.softmax(self.logits(logits, allowed), dim=-1)
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -249,6 +249,24 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
         return await api.guarded(request, ScoreRequest, api.score)
 
 
+def guided_constraints(body, markup) -> dict | None:
+    """vLLM's ``guided_regex`` / ``guided_choice`` / ``guided_json`` as the constraint of the
+    completion's hole. They are on the text the client gets back, which lacks the space the
+    hole took over from the prompt (asarm.text.markup): that space is put in front."""
+    given = [(k, v) for k, v in (("regex", body.guided_regex), ("choice", body.guided_choice),
+                                 ("json_schema", body.guided_json)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InputError("give one of guided_regex, guided_choice, guided_json")
+    kind, value = given[0]
+    if markup.shifted and markup.shifted[0]:
+        from ..text.constraints import normalize_spec, spec_regex
+
+        kind, value = "regex", " (?:" + spec_regex(*normalize_spec({kind: value}, "guided"), "guided") + ")"
+    return {0: {kind: value}}
+
+
 class Api:
     """The POST routes: parse and check a body, queue its job, answer whole or as a stream."""
 
@@ -279,7 +297,7 @@ class Api:
             raise
         return job
 
-    async def generation_job(self, request, body, markup) -> Job:
+    async def generation_job(self, request, body, markup, constraints=None) -> Job:
         """Plan the hole lengths (off the event loop and off the engine thread, once per request
         whatever ``n``, bounded by the request's time limit), then queue the rows."""
         state = self.state
@@ -288,6 +306,13 @@ class Api:
         config = body.decode_config()
         if not body.allow_special:  # as asarm.text.infill: holes hold text, never <unk> or <s>
             config = text_only(state.tokenizer, config)
+        automata = {}
+        if constraints:  # compiled (and the holes' lengths restricted) before anything is queued
+            from ..text.constraints import constrain_markup
+
+            excluded = set(config.suppress) | {state.model.config.mask_token_id}
+            automata = await state.off_loop(constrain_markup, markup, constraints, state.model.config.vocab_size,
+                                            excluded)
         seeds = choice_seeds(resolve_seed(body.seed), body.n)
         deadline = time.monotonic() + state.request_timeout
 
@@ -305,12 +330,12 @@ class Api:
         finally:
             for budget in budgets:  # an abandoned plan (timeout, client gone) stops at its next pass
                 budget.deadline = 0.0
-        return self.submit(body.n, handlers.make_prepare(plans, config, body), rounds=body.stream)
+        return self.submit(body.n, handlers.make_prepare(plans, config, body, automata), rounds=body.stream)
 
     async def completions(self, request, body):
         markup = await self.state.off_loop(completion_markup, self.state.model, self.state.tokenizer, body,
                                            self.state.max_length)
-        job = await self.generation_job(request, body, markup)
+        job = await self.generation_job(request, body, markup, guided_constraints(body, markup))
         run = CompletionRun(self.state, body, job, suffix=body.suffix is not None)
         if body.stream:
             return await stream_response(request, job, run)
@@ -319,7 +344,7 @@ class Api:
     async def infill(self, request, body):
         markup = await self.state.off_loop(lambda: read_markup(self.state.model, body.text, self.state.tokenizer,
                                                                max_hole=body.max_hole, max_length=self.state.max_length))
-        job = await self.generation_job(request, body, markup)
+        job = await self.generation_job(request, body, markup, body.constraints)
         run = InfillRun(self.state, body, job)
         if body.stream:
             return await stream_response(request, job, run)

@@ -20,10 +20,10 @@ class EngineAdapter:
         self.engine = Engine(model, cache=True)
 
     def add(self, input_ids, masked, config, *, seed: int, order: str,
-            on_round: Callable | None, return_logprobs: bool):
+            on_round: Callable | None, return_logprobs: bool, constraints=None):
         """Start a row; returns its handle. Bad input raises InputError at once."""
         return self.engine.add(input_ids, masked, config, seed=seed, order=order,
-                               on_round=on_round, return_logprobs=return_logprobs)
+                               on_round=on_round, return_logprobs=return_logprobs, constraints=constraints)
 
     def step(self) -> list:
         """One shared network pass over every active row; the handles that finished in it."""

@@ -59,12 +59,15 @@ def plan_for(model, markup, config, body, seeds: list[int]):
                      temperature=config.temperature)
 
 
-def make_prepare(plans, config, body):
-    """The job's engine-thread half: the rows to start (the lengths are already chosen)."""
+def make_prepare(plans, config, body, automata=None):
+    """The job's engine-thread half: the rows to start (the lengths are already chosen), with
+    their constrained holes (``automata``: {hole index: TokenAutomaton})."""
+    from ..text.constraints import hole_constraints
 
     def prepare():
         rows = [RowSpec(plan.input_ids, plan.masked, config, seed=plan.seed, order=body.order,
-                        return_logprobs=bool(getattr(body, "logprobs", False)))
+                        return_logprobs=bool(getattr(body, "logprobs", False)),
+                        constraints=hole_constraints(plan.spans, automata) if automata else None)
                 for plan in plans]
         return rows, plans
 

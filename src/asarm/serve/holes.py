@@ -14,10 +14,12 @@ def completion_markup(model, tokenizer, body, max_length: int) -> Markup:
     """prompt [+ hole + suffix]: without a suffix the hole continues the prompt for max_tokens
     tokens; with one, its length is ``hole_length`` or chosen from the posterior over
     1..min(max_tokens, max_hole)."""
+    guided = any(getattr(body, f, None) is not None for f in ("guided_regex", "guided_choice", "guided_json"))
     if body.suffix is None:
         if body.hole_length is not None:
             raise InputError("hole_length goes with a suffix; without one, max_tokens is the length")
-        parts = [body.prompt, body.max_tokens]
+        # a guided continuation has the lengths its constraint admits, up to max_tokens
+        parts = [body.prompt, hole(1, min(body.max_tokens, body.max_hole)) if guided else body.max_tokens]
     else:
         middle = body.hole_length or hole(1, min(body.max_tokens, body.max_hole))
         parts = [body.prompt, middle, body.suffix]

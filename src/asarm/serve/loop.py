@@ -40,6 +40,7 @@ class RowSpec:
     seed: int
     order: str = "left-to-right"
     return_logprobs: bool = False
+    constraints: object = None  # the row's HoleConstraints (asarm.sampling.constraints), if any
 
 
 class Channel:
@@ -168,6 +169,7 @@ class EngineLoop:
             for choice, spec in enumerate(rows):
                 handle = self.adapter.add(spec.input_ids, spec.masked, spec.config, seed=spec.seed,
                                           order=spec.order, return_logprobs=spec.return_logprobs,
+                                          constraints=spec.constraints,
                                           on_round=partial(self._on_round, job, choice))
                 added.append((handle, choice))
         except Exception as exc:  # noqa: BLE001 - answered as an error, never kills the loop

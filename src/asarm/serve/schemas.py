@@ -73,11 +73,17 @@ class CompletionBody(RequestBase):
     user: str | None = None
     presence_penalty: Literal[0, 0.0] | None = None
     frequency_penalty: Literal[0, 0.0] | None = None
+    guided_regex: str | None = Field(None, max_length=MAX_CHARS, description="vLLM: the hole's text matches this regex")
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=1024,
+                                            description="vLLM: the hole's text is one of these")
+    guided_json: dict | str | None = Field(None, description="vLLM: the hole's text is JSON of this schema")
 
 
 class InfillBody(RequestBase):
     text: str = Field(..., max_length=MAX_CHARS, description="text with [MASK], [MASK:n], [MASK:a-b] holes")
     logprobs: bool = False
+    constraints: dict[str, dict] | None = Field(
+        None, description='{hole index: {"regex": ...} | {"choice": [...]} | {"json_schema": {...}}} (docs/constraints.md)')
 
 
 class ScoreRequest(BaseModel):

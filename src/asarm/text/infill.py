@@ -6,13 +6,14 @@ import torch
 
 from ..errors import InputError
 from ..tokenization import decode_text
+from .constraints import constrain_markup, hole_constraints
 from .plan import InfillPlan, exclude_special_tokens, plan_rows, read_markup
 from .stream import SettledText
 
 
 def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max_hole: int | None = None,
            length_prior=None, factorization: str | None = None, stop_at: str | None = None,
-           allow_special: bool = False, **sample_options):
+           allow_special: bool = False, constraints: dict | None = None, **sample_options):
     """Fill every hole of ``text`` with the model; returns the whole filled text.
 
     ``tokenizer`` defaults to ``model.tokenizer`` (attached by ``asarm.load_model``).
@@ -26,6 +27,10 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
     ``asarm.tokenization.special_text_ids``) and end-of-text (unless ``stop_at`` is given) are
     excluded inside the target distribution, so the sampler stays exact for the model restricted
     to text; ``allow_special=True`` keeps them.
+    ``constraints``: {hole index (text order): spec}, a spec being ``{"regex": ...}``,
+    ``{"choice": [...]}`` or ``{"json_schema": {...}}`` for the hole's own text (its leading
+    space included); every output matches, and the sampler is exact for the locally
+    renormalized chain (``asarm.text.constraints``, docs/constraints.md).
     Invalid UTF-8 byte runs a byte-level model may sample are dropped from the returned text
     (``asarm.tokenization.decode_text``). With ``return_result=True`` returns ``(text, result)``, where
     ``result`` has ``.input_ids``, ``.nfe``, ``.rounds``, ``.accepted`` and ``.lengths`` (how
@@ -34,7 +39,8 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
     from .. import sampling
 
     plan = prepare(model, text, tokenizer, sample_options, max_hole=max_hole, length_prior=length_prior,
-                   factorization=factorization, stop_at=stop_at, allow_special=allow_special)
+                   factorization=factorization, stop_at=stop_at, allow_special=allow_special,
+                   constraints=constraints)
     result = sampling.sample(model, plan.input_ids, plan.masked, **sample_options)
     result.lengths = plan.lengths
     filled = finish_text(plan, result.input_ids)
@@ -42,7 +48,8 @@ def infill(model, text: str, tokenizer=None, return_result: bool = False, *, max
 
 
 def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = False, allow_special: bool = False,
-                  *, max_hole=None, length_prior=None, factorization=None, stop_at=None, **sample_options):
+                  *, max_hole=None, length_prior=None, factorization=None, stop_at=None, constraints=None,
+                  **sample_options):
     """Like ``infill``, but calls ``on_text(piece)`` as the text fills in: each piece extends
     the part of the text that is final, left to right (tokens decoded out of order appear once
     everything before them is known; ``asarm.text.stream``). Returns ``(text, result)``.
@@ -54,7 +61,7 @@ def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = Fa
     if stop_at is not None:
         raise InputError("stop_at does not combine with streaming")
     plan = prepare(model, text, tokenizer, sample_options, max_hole=max_hole, length_prior=length_prior,
-                   factorization=factorization, allow_special=allow_special)
+                   factorization=factorization, allow_special=allow_special, constraints=constraints)
     settled = SettledText(plan.tokenizer, plan.input_ids.tolist(), (~plan.masked).tolist())
     bar = None
     if progress:
@@ -83,20 +90,38 @@ def stream_infill(model, text: str, on_text, tokenizer=None, progress: bool = Fa
 
 
 def prepare(model, text, tokenizer, sample_options: dict, *, max_hole=None, length_prior=None,
-            factorization=None, stop_at=None, allow_special=False) -> InfillPlan:
+            factorization=None, stop_at=None, allow_special=False, constraints=None) -> InfillPlan:
     """The text's row (``read_markup`` then ``plan_rows``, with the decoding's temperature and
     greedy flag for the length evidence), and ``sample_options`` completed in place with the
-    row's seed and, unless ``allow_special``, the excluded special tokens."""
+    row's seed, unless ``allow_special`` the excluded special tokens, and the row's
+    ``constraints`` (compiled, with the holes' candidate lengths restricted to admissible ones;
+    every check runs before any network pass)."""
     config = sample_options.get("config")
     temperature = config.temperature if config is not None else sample_options.get("temperature", 1.0)
     greedy = config.greedy if config is not None else sample_options.get("greedy", False)
     markup = read_markup(model, text, tokenizer, max_hole=max_hole, stop_at=stop_at)
+    automata = constrain(model, markup, constraints, sample_options)
     [plan] = plan_rows(model, markup, [sample_options.get("seed")], length_prior=length_prior,
                        factorization=factorization, temperature=temperature, greedy=greedy)
     sample_options["seed"] = plan.seed
     if not allow_special:
         exclude_special_tokens(plan.tokenizer, sample_options, keep_end_of_text=stop_at is not None)
+    if automata:
+        sample_options["constraints"] = hole_constraints(plan.spans, automata)
     return plan
+
+
+def constrain(model, markup, constraints, sample_options: dict) -> dict:
+    """``constrain_markup`` with the tokens the row's target excludes anyway (the mask token,
+    ``suppress``) left out of the automata, so a mask never loses all its tokens."""
+    if not constraints:
+        if constraints is not None and not isinstance(constraints, dict):
+            raise InputError(f"constraints must be an object {{hole index: spec}}, got {type(constraints).__name__}")
+        return {}
+    config = sample_options.get("config")
+    excluded = set(sample_options.get("suppress", config.suppress if config is not None else ()))
+    excluded.add(model.config.mask_token_id)
+    return constrain_markup(markup, constraints, model.config.vocab_size, excluded)
 
 
 def fill_text(tokenizer, input_ids) -> str:
