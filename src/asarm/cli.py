@@ -31,6 +31,7 @@ LAZY_COMMANDS = {
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
     "quantize": ("quantize_cli", "write a weight-only int8 copy of a model (loads with load_model)"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
+    "batch": ("batch", "run an OpenAI batch file (or text lines with holes) locally or on Ray"),
 }
 
 
