@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, create_model
 
 from ..sampling.config import DecodeConfig, field_type, user_fields
 
@@ -64,9 +64,18 @@ MAX_PROMPTS = 64      # prompts in one completion request (each its own job of n
 MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API
 
 
+def _prompt(value):
+    """A text, or a list of 1 to MAX_PROMPTS texts (one check, so an error names ``prompt`` alone)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_PROMPTS or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings")
+    if any(len(t) > MAX_CHARS for t in texts):
+        raise ValueError(f"a prompt has more than {MAX_CHARS} characters")
+    return value
+
+
 class CompletionBody(RequestBase):
-    prompt: Annotated[str, Field(max_length=MAX_CHARS)] | Annotated[
-        list[Annotated[str, Field(max_length=MAX_CHARS)]], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+    prompt: Annotated[str | list[str], PlainValidator(_prompt)] = Field(
         ..., description="a text, or a list of texts: n choices per text, in the order of the texts")
     suffix: str | None = Field(None, max_length=MAX_CHARS)
     max_tokens: int = Field(16, ge=1, le=100_000)
