@@ -22,7 +22,7 @@ import sys
 
 def cmd_batch(args) -> int:
     from ..errors import InputError
-    from .format import OutputWriter, read_requests
+    from .format import OutputWriter, parse_defaults, read_requests
 
     check_batch_options(args)
     defaults = parse_defaults(args.defaults)
@@ -79,20 +79,6 @@ def summary_line(s: dict, output: str) -> str:
     skipped = f", {s['skipped']} already done" if s["skipped"] else ""
     return (f"{s['requests']} requests in {s['seconds']:.1f} s ({s['ok']} ok, {s['failed']} failed{skipped}): "
             f"{s['requests_per_s']:.2f} requests/s, {s['tokens_per_s']:.1f} tokens/s -> {output}")
-
-
-def parse_defaults(text: str | None) -> dict:
-    from ..errors import InputError
-
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--defaults is not valid JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise InputError("--defaults must be a JSON object of body fields, e.g. '{\"seed\": 0, \"k\": 5}'")
-    return value
 
 
 def check_batch_options(args) -> None:

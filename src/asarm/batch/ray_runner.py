@@ -109,6 +109,7 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
 
     from ..checkpoint import DEFAULT_MODEL
     from ..cli_args import resolve_threads
+    from .format import parse_defaults
     from .local import Progress
 
     ray = require_ray()
@@ -131,7 +132,7 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
         out = infill_dataset(ds, model=args.model or DEFAULT_MODEL, workers=workers, max_batch=args.max_batch,
                              batch_size=args.rows_per_call, num_cpus=args.cpus_per_worker,
                              num_gpus=args.gpus_per_worker, threads=resolve_threads(args.threads) or 1,
-                             served_name=args.served_name, text=args.text, defaults=parse_defaults_for(args),
+                             served_name=args.served_name, text=args.text, defaults=parse_defaults(args.defaults),
                              load_options=load_options)
         progress.start = time.perf_counter()
         for row in out.iter_rows():
@@ -142,9 +143,3 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
         if started_here:
             ray.shutdown()
     return progress.close()
-
-
-def parse_defaults_for(args) -> dict:
-    from . import parse_defaults
-
-    return parse_defaults(args.defaults)

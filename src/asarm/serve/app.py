@@ -377,7 +377,7 @@ class Api:
         job = await self.generation_job(request, completion, markup)
         run = CompletionRun(state, completion, job, suffix=completion.suffix is not None)
         if body.stream:
-            return await stream_response(request, job, llama.LlamaStream(run, body, truncated, started))
+            return await stream_response(request, job, llama.LlamaStream(run, body, truncated, started, error_event))
         result = await collect(request, job, run.answer_body())
         return JSONResponse(llama.select_fields(llama.answer(result, completion, body, truncated, started,
                                                              state.model_name), body.response_fields))

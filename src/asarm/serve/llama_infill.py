@@ -186,20 +186,25 @@ def select_fields(answer: dict, fields: list[str] | None) -> dict:
 class LlamaStream:
     """A streamed /infill: llama.cpp's events from a completion run's engine events."""
 
-    def __init__(self, run, body, truncated: bool, started: float):
+    def __init__(self, run, body, truncated: bool, started: float, error_event):
         self.run, self.state, self.body = run, run.state, body
         self.truncated, self.started = truncated, started
+        self.error_event = error_event  # an exception -> its SSE error event (the server's)
 
     def _event(self, content: str) -> dict:
         return {"index": 0, "content": content, "tokens": [], "stop": False, "id_slot": 0}
 
     async def stream(self, first, rest):
         from . import handlers
-        from .app import _chain, error_event
+
+        async def chain():
+            yield first
+            async for item in rest:
+                yield item
 
         run, text = self.run, ""
         try:
-            async for kind, payload in _chain(first, rest):
+            async for kind, payload in chain():
                 if kind == "start":
                     run._start(payload)
                 elif kind == "round":
@@ -218,6 +223,6 @@ class LlamaStream:
             last = answer(completion, run.body, self.body, self.truncated, self.started, self.state.model_name)
             yield handlers.sse(select_fields(dict(last, content=""), self.body.response_fields))
         except Exception as exc:  # noqa: BLE001 - the stream has started: the error is an event
-            yield error_event(exc)
+            yield self.error_event(exc)
         finally:
             await rest.aclose()
