@@ -61,7 +61,7 @@ def run_locally(args, todo, skipped, writer) -> dict:
         return Progress(0, skipped, enabled=False).close()
     model = load_cli_model(args)
     name = args.served_name or os.path.basename(str(args.model or DEFAULT_MODEL).rstrip("/"))
-    runner = AppRunner(model, model_name=name, max_batch=args.max_batch)
+    runner = AppRunner(model, model_name=name, max_batch=args.max_batch, admit_wave=args.admit_wave)
     progress = Progress(len(todo), skipped, enabled=not args.no_progress)  # after loading: rates count decoding
 
     def on_line(line):
@@ -86,6 +86,8 @@ def check_batch_options(args) -> None:
 
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.admit_wave is not None and not 1 <= args.admit_wave <= args.max_batch:
+        raise InputError(f"--admit-wave must be from 1 to --max-batch ({args.max_batch}), got {args.admit_wave}")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
     if (args.workers is not None or args.address is not None) and not args.ray:
@@ -112,6 +114,9 @@ def add_cli(sub) -> None:
     p.add_argument("--defaults", default=None, metavar="JSON", help="body fields for every request that does "
                    "not set them, e.g. '{\"seed\": 0, \"method\": \"assd\", \"k\": 5}'")
     p.add_argument("--max-batch", type=int, default=32, help="most rows decoded together per engine (default 32)")
+    p.add_argument("--admit-wave", type=int, default=None, metavar="N", help="waiting requests join the running "
+                   "batch once N rows are free (default: --max-batch: whole waves, the best throughput measured; "
+                   "1: at once, as the server)")
     p.add_argument("--resume", action="store_true", help="OUTPUT exists: keep its lines, run only the rest")
     p.add_argument("--overwrite", action="store_true", help="OUTPUT exists: replace it")
     p.add_argument("--served-name", default=None, help="the model name bodies may give in 'model' "

@@ -37,7 +37,7 @@ class EngineActor:
 
     def __init__(self, model: str, *, load_options: dict | None = None, max_batch: int = 32,
                  served_name: str | None = None, threads: int | None = 1, text: bool = False,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, admit_wave: int | None = None):
         import os
 
         from ..checkpoint import load_model
@@ -48,7 +48,7 @@ class EngineActor:
         self.text, self.defaults = text, defaults or {}
         loaded = load_model(model, **(load_options or {}))
         name = served_name or os.path.basename(str(model).rstrip("/"))
-        self.runner = AppRunner(loaded, model_name=name, max_batch=max_batch)
+        self.runner = AppRunner(loaded, model_name=name, max_batch=max_batch, admit_wave=admit_wave)
 
     def __call__(self, batch: dict) -> dict:
         from .format import read_line
@@ -70,7 +70,7 @@ class EngineActor:
 def infill_dataset(ds, *, model: str = "asarm-en-small", workers: int = 1, max_batch: int = 32,
                    batch_size: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                    threads: int | None = 1, served_name: str | None = None, text: bool = False,
-                   defaults: dict | None = None, load_options: dict | None = None):
+                   defaults: dict | None = None, load_options: dict | None = None, admit_wave: int | None = None):
     """Map a ``ray.data.Dataset`` of input lines (column ``text``: one batch request line, or with
     ``text=True`` one marked-up text; optional column ``lineno`` names lines without a custom_id
     ``line-N``) to a Dataset with columns ``custom_id`` and ``output`` (an OpenAI batch output
@@ -78,13 +78,14 @@ def infill_dataset(ds, *, model: str = "asarm-en-small", workers: int = 1, max_b
     every node can read, or a hub id; ``load_options``: ``asarm.load_model``'s revision, device,
     dtype, quantize) and one engine of ``max_batch`` rows, ``num_cpus``/``num_gpus`` each;
     ``threads`` torch threads per actor. Each call hands an actor ``batch_size`` lines (default
-    4 × ``max_batch``: the engine stays full while the next lines are planned)."""
+    4 × ``max_batch``: the engine stays full while the next lines are planned); ``admit_wave`` as
+    ``asarm batch --admit-wave``."""
     require_ray()
     return ds.map_batches(
         EngineActor,
         fn_constructor_kwargs={"model": model, "load_options": load_options, "max_batch": max_batch,
                                "served_name": served_name, "threads": threads, "text": text,
-                               "defaults": defaults},
+                               "defaults": defaults, "admit_wave": admit_wave},
         batch_size=batch_size or 4 * max_batch, batch_format="numpy", concurrency=workers,
         num_cpus=num_cpus, num_gpus=num_gpus or None)
 
@@ -133,7 +134,7 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
                              batch_size=args.rows_per_call, num_cpus=args.cpus_per_worker,
                              num_gpus=args.gpus_per_worker, threads=resolve_threads(args.threads) or 1,
                              served_name=args.served_name, text=args.text, defaults=parse_defaults(args.defaults),
-                             load_options=load_options)
+                             load_options=load_options, admit_wave=args.admit_wave)
         progress.start = time.perf_counter()
         for row in out.iter_rows():
             line = json.loads(row["output"])

@@ -105,14 +105,16 @@ class ServerState:
 
 
 def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_queue: int = 256,
-               api_key: str | None = None, request_timeout: float = 120.0, pass_delay: float = 0.0) -> FastAPI:
+               api_key: str | None = None, request_timeout: float = 120.0, pass_delay: float = 0.0,
+               admit_wave: int = 1) -> FastAPI:
     from .engine import EngineAdapter
 
     if getattr(model, "tokenizer", None) is None:
         raise InputError("the server needs a model with a tokenizer (its checkpoint has no tokenizer files)")
     adapter = EngineAdapter(model)
     metrics = Metrics()
-    loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay)
+    loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay,
+                      admit_wave=admit_wave)
     state = ServerState(model, model_name, loop, metrics, api_key, request_timeout)
 
     @contextlib.asynccontextmanager
