@@ -305,3 +305,11 @@ def test_rows_joining_a_running_engine_fit_the_cache_and_keep_their_outputs():
         engine.step()
     assert [h.result().input_ids.tolist() for h in handles] == [alone(p) for p in plans]
     assert torch.is_tensor(handles[0].result().input_ids)
+
+
+def test_a_json_string_may_hold_a_line_separator(tmp_path):
+    """U+2028 is valid unescaped inside a JSON string: it must not split the line."""
+    line = json.dumps({"custom_id": "sep", "method": "POST", "url": "/v1/score",
+                       "body": {"text": "The cat\u2028 [[sat]] on the mat."}}, ensure_ascii=False)
+    [req] = read_requests(write_lines(tmp_path / "in.jsonl", [line]))
+    assert req.error is None and "\u2028" in req.body["text"]

@@ -54,6 +54,7 @@ def run_locally(args, todo, skipped, writer) -> dict:
 
     from ..checkpoint import DEFAULT_MODEL
     from ..cli_args import apply_threads, load_cli_model
+    from ..errors import InputError
     from .local import AppRunner, Progress, run_requests
 
     apply_threads(args.threads)
@@ -70,6 +71,9 @@ def run_locally(args, todo, skipped, writer) -> dict:
 
     try:
         asyncio.run(run_requests(runner, todo, on_line))
+    except OSError as exc:  # the output cannot take more (a full disk): what is written stays
+        raise InputError(f"writing {args.output} failed: {exc.strerror or exc}; the lines written are kept, "
+                         "rerun with --resume to continue") from None
     finally:
         runner.close()
     return progress.close()

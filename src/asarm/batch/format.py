@@ -115,7 +115,10 @@ def read_requests(path: str, *, text: bool = False, defaults: dict | None = None
     if content.startswith("\ufeff"):  # a byte-order mark some editors write
         content = content[1:]
     requests, seen = [], {}
-    for lineno, line in enumerate(content.splitlines(), start=1):
+    # lines end at "\n" only: str.splitlines would also cut at U+2028 and the like, which JSON
+    # strings may hold unescaped
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         request = read_line(line, lineno, text=text, defaults=defaults)
@@ -166,9 +169,8 @@ def scan_output(path: str) -> tuple[set[str], int]:
     except OSError as exc:
         raise InputError(f"cannot read the output {path} to resume it: {exc.strerror or exc}") from None
     done, good = set(), 0
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
+    for raw in data.split(b"\n")[:-1]:  # what follows the last newline is torn (or nothing)
+        raw += b"\n"
         try:
             custom_id = json.loads(raw).get("custom_id")
         except (ValueError, AttributeError):

@@ -68,6 +68,8 @@ class AppRunner:
                  "client": ("127.0.0.1", 0), "server": ("asarm-batch", 0)}
         try:
             await self.app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - the app has answered 500 (and logged it) before re-raising
+            status[0] = 500
         finally:
             finished.set()
         raw = b"".join(chunks)
