@@ -313,3 +313,59 @@ def test_a_json_string_may_hold_a_line_separator(tmp_path):
                        "body": {"text": "The cat\u2028 [[sat]] on the mat."}}, ensure_ascii=False)
     [req] = read_requests(write_lines(tmp_path / "in.jsonl", [line]))
     assert req.error is None and "\u2028" in req.body["text"]
+
+
+def test_engine_loop_admits_in_waves():
+    """admit_wave = 4 of max_batch 4: waiting rows join only once 4 slots are free (or when all
+    that waits fits); admit_wave 1 (the server) lets each join at once."""
+    import asyncio
+
+    from asarm.serve.loop import Channel, EngineLoop, Job, RowSpec
+    from asarm.serve.metrics import Metrics
+
+    class Adapter:  # rows finish after as many passes as their seed says
+        def __init__(self):
+            self.rows, self.joined = [], []
+
+        def add(self, input_ids, masked, config, *, seed, order, on_round, return_logprobs):
+            row = {"left": seed}
+            self.rows.append(row)
+            self.joined[-1] += 1
+            return row
+
+        def step(self):
+            self.joined.append(0)
+            for row in self.rows:
+                row["left"] -= 1
+            done = [r for r in self.rows if r["left"] <= 0]
+            self.rows = [r for r in self.rows if r["left"] > 0]
+            return done
+
+        def cancel(self, row):
+            self.rows.remove(row)
+
+        @property
+        def active(self):
+            return len(self.rows)
+
+        @staticmethod
+        def result(row):
+            return row
+
+    async def run(wave):
+        adapter = Adapter()
+        adapter.joined.append(0)
+        loop = EngineLoop(adapter, max_batch=4, max_queue=100, metrics=Metrics(), admit_wave=wave)
+        jobs = [Job(1, (lambda s=s: ([RowSpec(None, None, None, seed=s)], None)), Channel(), rounds=False)
+                for s in (1, 2, 3, 4, 1, 1, 1, 1)]
+        for job in jobs:
+            loop.submit(job)
+        loop.start()
+        for job in jobs:
+            while (await job.channel.get(30))[0] != "end":
+                pass
+        await asyncio.to_thread(loop.stop)
+        return [n for n in adapter.joined if n]
+
+    assert asyncio.run(run(4)) == [4, 4]  # the second wave waits for the whole first one
+    assert asyncio.run(run(1))[:2] == [4, 1]  # the server: a row joins as soon as one leaves
