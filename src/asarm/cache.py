@@ -50,7 +50,9 @@ class ContentCache:
         self._slots = self.length[:, None] + torch.arange(N, device=self.length.device)
         self._span = int((self.length.max() + N).item())
         if self._span > self.capacity:
-            raise RuntimeError(f"content cache overflow ({self._span} > {self.capacity} slots)")
+            # rows that joined a running batch: one row's committed slots plus another row's (padded)
+            # new rows can pass any per-row bound; the new slots hold no key (NO_KEY), so it stays exact
+            self.add_rows(0, self._span)
         self._rows = torch.arange(B, device=self.length.device)[:, None]  # the same for every layer
         self.key_pos[self._rows, self._slots] = content_pos.long()
         self.key_rank[self._rows, self._slots] = content_rank.long()

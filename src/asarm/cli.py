@@ -31,6 +31,7 @@ LAZY_COMMANDS = {
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),
+    "batch": ("batch", "run an OpenAI batch file (or text lines with holes) locally or on Ray"),
 }
 
 

@@ -38,7 +38,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1_000_000
 PLANNING_MAX_CELLS = 1024  # exact hole-length cells per request; beyond: hole by hole (rows of the model)
 PUBLIC = ("/health", "/", "/favicon.ico")  # the page is static; every API route needs the key
-ENDPOINTS = {"/v1/completions", "/v1/infill", "/v1/score", "/v1/models", "/health", "/metrics", "/"}
+ENDPOINTS = {"/v1/completions", "/v1/infill", "/v1/score", "/v1/models", "/health", "/metrics", "/", "/infill"}
 
 
 class RequestTimeout(Exception):
@@ -105,14 +105,16 @@ class ServerState:
 
 
 def create_app(model, *, model_name: str = "asarm", max_batch: int = 32, max_queue: int = 256,
-               api_key: str | None = None, request_timeout: float = 120.0, pass_delay: float = 0.0) -> FastAPI:
+               api_key: str | None = None, request_timeout: float = 120.0, pass_delay: float = 0.0,
+               admit_wave: int = 1) -> FastAPI:
     from .engine import EngineAdapter
 
     if getattr(model, "tokenizer", None) is None:
         raise InputError("the server needs a model with a tokenizer (its checkpoint has no tokenizer files)")
     adapter = EngineAdapter(model)
     metrics = Metrics()
-    loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay)
+    loop = EngineLoop(adapter, max_batch=max_batch, max_queue=max_queue, metrics=metrics, pass_delay=pass_delay,
+                      admit_wave=admit_wave)
     state = ServerState(model, model_name, loop, metrics, api_key, request_timeout)
 
     @contextlib.asynccontextmanager
@@ -248,6 +250,15 @@ def add_routes(app: FastAPI, state: ServerState, adapter) -> None:
     async def score(request: Request):
         return await api.guarded(request, ScoreRequest, api.score)
 
+    from .llama_infill import llama_infill_schema
+
+    api.completion_request = completion_request
+    llama_request = llama_infill_schema()
+
+    @app.post("/infill")  # llama.cpp's, for editor plugins (asarm.serve.llama_infill)
+    async def llama_infill(request: Request):
+        return await api.guarded(request, llama_request, api.llama_infill)
+
 
 def guided_constraints(body, markup) -> dict | None:
     """vLLM's ``guided_regex`` / ``guided_choice`` / ``guided_json`` as the constraint of the
@@ -330,9 +341,15 @@ class Api:
         finally:
             for budget in budgets:  # an abandoned plan (timeout, client gone) stops at its next pass
                 budget.deadline = 0.0
-        return self.submit(body.n, handlers.make_prepare(plans, config, body, automata), rounds=body.stream)
+        job = self.submit(body.n, handlers.make_prepare(plans, config, body, automata), rounds=body.stream)
+        job.config = config  # the rows' target, for exact top log-probs
+        return job
 
     async def completions(self, request, body):
+        if isinstance(body.prompt, list):
+            if len(body.prompt) > 1:
+                return await self.completions_of_prompts(request, body)
+            body = body.model_copy(update={"prompt": body.prompt[0]})
         markup = await self.state.off_loop(completion_markup, self.state.model, self.state.tokenizer, body,
                                            self.state.max_length)
         job = await self.generation_job(request, body, markup, guided_constraints(body, markup))
@@ -340,6 +357,57 @@ class Api:
         if body.stream:
             return await stream_response(request, job, run)
         return await collect(request, job, run.answer())
+
+    async def completions_of_prompts(self, request, body):
+        """A list of prompts: each its own job of ``n`` rows (prompt i's choice j uses seed
+        seed + i·n + j, so a prompt sent alone with seed + i·n gives the same text), answered as
+        one completion whose choice ``i·n + j`` is prompt i's choice j, as OpenAI's."""
+        if body.stream:
+            raise InputError("stream takes one prompt: send a list of prompts without stream")
+        base = resolve_seed(body.seed)
+        bodies = [body.model_copy(update={"prompt": prompt, "seed": base + i * body.n})
+                  for i, prompt in enumerate(body.prompt)]
+        markups = []
+        for i, sub in enumerate(bodies):  # every prompt is checked before any job is queued
+            try:
+                markups.append(await self.state.off_loop(completion_markup, self.state.model, self.state.tokenizer,
+                                                         sub, self.state.max_length))
+            except InputError as exc:
+                raise FieldError(f"prompt.{i}: {exc}", f"prompt.{i}") from None
+        runs = []
+        try:
+            for sub, markup in zip(bodies, markups):
+                job = await self.generation_job(request, sub, markup)
+                runs.append(CompletionRun(self.state, sub, job, suffix=sub.suffix is not None))
+            answers = await collect(request, None, asyncio.gather(*(run.answer_body() for run in runs)))
+        except BaseException:
+            for run in runs:
+                self.state.loop.cancel(run.job)
+            raise
+        choices = [dict(c, index=i * body.n + c["index"]) for i, a in enumerate(answers) for c in a["choices"]]
+        usage = {key: sum(a["usage"][key] for a in answers) for key in answers[0]["usage"]}
+        stats = [s for run in runs for s in run.stats]
+        return JSONResponse(dict(answers[0], choices=choices, usage=usage, asarm=handlers.totals(stats)))
+
+    async def llama_infill(self, request, body):
+        from . import llama_infill as llama
+
+        state, started = self.state, time.monotonic()
+        if body.n_predict == 0:  # the plugins' context warm-up: nothing to generate
+            return JSONResponse(llama.select_fields(llama.empty_answer(body, state.model_name), body.response_fields))
+
+        def read(completion):
+            return completion_markup(state.model, state.tokenizer, completion, state.max_length)
+
+        completion, markup, truncated = await state.off_loop(llama.fitted_completion, body, self.completion_request,
+                                                             state.tokenizer, state.max_length, read)
+        job = await self.generation_job(request, completion, markup)
+        run = CompletionRun(state, completion, job, suffix=completion.suffix is not None)
+        if body.stream:
+            return await stream_response(request, job, llama.LlamaStream(run, body, truncated, started, error_event))
+        result = await collect(request, job, run.answer_body())
+        return JSONResponse(llama.select_fields(llama.answer(result, completion, body, truncated, started,
+                                                             state.model_name), body.response_fields))
 
     async def infill(self, request, body):
         markup = await self.state.off_loop(lambda: read_markup(self.state.model, body.text, self.state.tokenizer,
@@ -476,22 +544,43 @@ class CompletionRun(Run):
     def _chunk(self, index, text, finish=None, **extra) -> dict:
         return handlers.completion_chunk(self.rid, self.created, self.state.model_name, index, text, finish, **extra)
 
-    def _logprobs(self, index):
-        return handlers.completion_logprobs(self.state.tokenizer, self.choices[index]) if self.body.logprobs is not None else None
+    async def _logprobs(self, index):
+        """The choice's logprobs object (None unless asked), its top-n alternatives computed off
+        the event loop (one pass: ``asarm.serve.logprobs``)."""
+        if self.body.logprobs is None:
+            return None
+        top = None
+        if self.body.logprobs > 0:
+            from .logprobs import top_logprobs
+
+            ch = self.choices[index]
+            top = await self.state.off_loop(top_logprobs, self.state.model, self.state.tokenizer, ch.result,
+                                            self.job.config, ch.start, ch.end, self.body.logprobs)
+        echo = self.body.prompt if self.body.echo else None
+        return handlers.completion_logprobs(self.state.tokenizer, self.choices[index], top, echo)
+
+    def _echo(self, text: str) -> str:
+        return self.body.prompt + text if self.body.echo else text
+
+    async def answer_body(self) -> dict:
+        texts = await self._results()
+        choices = [{"text": self._echo(texts[i]), "index": i, "logprobs": await self._logprobs(i),
+                    "finish_reason": self.finish, "asarm": self.stats[i]} for i in range(self.body.n)]
+        return {"id": self.rid, "object": "text_completion", "created": self.created,
+                "model": self.state.model_name, "choices": choices,
+                "usage": handlers.usage(self.choices), "asarm": handlers.totals(self.stats)}
 
     async def answer(self) -> JSONResponse:
-        texts = await self._results()
-        choices = [{"text": texts[i], "index": i, "logprobs": self._logprobs(i), "finish_reason": self.finish,
-                    "asarm": self.stats[i]} for i in range(self.body.n)]
-        return JSONResponse({"id": self.rid, "object": "text_completion", "created": self.created,
-                             "model": self.state.model_name, "choices": choices,
-                             "usage": handlers.usage(self.choices), "asarm": handlers.totals(self.stats)})
+        return JSONResponse(await self.answer_body())
 
     async def stream(self, first, rest):
         try:
             async for kind, payload in _chain(first, rest):
                 if kind == "start":
                     self._start(payload)
+                    if self.body.echo:  # the prompt first, as OpenAI's echo
+                        for index in range(len(self.choices)):
+                            yield handlers.sse(self._chunk(index, self.body.prompt))
                 elif kind == "round":
                     index, event = payload
                     piece = self.choices[index].take(event)
@@ -501,8 +590,8 @@ class CompletionRun(Run):
                     index = payload[0]
                     ch = self.choices[index]
                     tail = self._done(*payload)[ch.emitted:]
-                    yield handlers.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index],
-                                            **({"logprobs": self._logprobs(index)} if self.body.logprobs is not None else {})))
+                    extra = {"logprobs": await self._logprobs(index)} if self.body.logprobs is not None else {}
+                    yield handlers.sse(self._chunk(index, tail, self.finish, asarm=self.stats[index], **extra))
             final = {"id": self.rid, "object": "text_completion", "created": self.created,
                      "model": self.state.model_name, "choices": [], "usage": handlers.usage(self.choices),
                      "asarm": handlers.totals(self.stats)}

@@ -38,5 +38,8 @@ class EngineAdapter:
 
     @staticmethod
     def result(row):
-        """The finished row's SampleResult (input_ids [L], nfe, rounds, accepted, ...)."""
-        return row.result()
+        """The finished row's SampleResult (input_ids [L], nfe, rounds, accepted, ...), and
+        ``order``: its hidden positions in decoding order (exact top log-probs need it)."""
+        result = row.result()
+        result.order = list(row.row.order)
+        return result

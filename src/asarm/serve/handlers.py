@@ -80,18 +80,32 @@ def completion_chunk(rid: str, created: int, model: str, index: int, text: str, 
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_logprobs(tok, choice: Choice) -> dict:
-    """OpenAI's legacy logprobs object for the generated region (top_logprobs are not given)."""
+def completion_logprobs(tok, choice: Choice, top: list[dict] | None = None, echo: str | None = None) -> dict:
+    """OpenAI's legacy logprobs object for the generated region: each token, its log-prob, and
+    with ``top`` (``asarm.serve.logprobs.top_logprobs``) its likeliest alternatives. With
+    ``echo`` (the prompt's text, put before the region) the prompt's tokens come first, with
+    log-prob None (they are given, not drawn)."""
     lp = choice.result.token_logprobs
     lp = lp.reshape(-1).tolist() if lp is not None else [None] * len(choice.ids)
-    tokens, values, offsets, offset = [], [], [], 0
-    for pos in range(choice.start, choice.end):
+    tokens, values, tops, offsets, offset = [], [], [], [], 0
+    if echo is not None:
+        for pos in range(choice.start):
+            piece = decode(tok, [choice.ids[pos]])
+            tokens.append(piece)
+            values.append(None)
+            tops.append(None)
+            offsets.append(offset)
+            offset += len(piece)
+        offset = len(echo)
+    for i, pos in enumerate(range(choice.start, choice.end)):
         piece = decode(tok, [choice.ids[pos]])
         tokens.append(piece)
         values.append(lp[pos])
+        tops.append(top[i] if top is not None else None)
         offsets.append(offset)
         offset += len(piece)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if top is not None else None,
+            "text_offset": offsets}
 
 
 def usage(choices: list[Choice]) -> dict:

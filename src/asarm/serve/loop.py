@@ -73,8 +73,13 @@ class Job:
 
 
 class EngineLoop:
-    def __init__(self, adapter, *, max_batch: int, max_queue: int, metrics, pass_delay: float = 0.0):
+    def __init__(self, adapter, *, max_batch: int, max_queue: int, metrics, pass_delay: float = 0.0,
+                 admit_wave: int = 1):
         self.adapter, self.max_batch, self.max_queue, self.metrics = adapter, max_batch, max_queue, metrics
+        # Rows join a running batch once this many slots are free (or all waiting rows fit). 1: at
+        # once (the server: latency). Larger (asarm batch: throughput): newcomers share their first
+        # pass, which lays out all their visible tokens, instead of each one padding a pass.
+        self.admit_wave = max(1, min(admit_wave, max_batch))
         self.pass_delay = pass_delay  # tests slow the loop down to catch it mid-request
         self._pending: collections.deque[Job] = collections.deque()
         self._rows: dict[int, tuple[object, Job, int]] = {}
@@ -147,6 +152,7 @@ class EngineLoop:
         self.metrics.active_rows.set(self.adapter.active)
 
     def _admit(self) -> None:
+        admitted = 0
         while True:
             with self._lock:
                 if not self._pending:
@@ -154,11 +160,16 @@ class EngineLoop:
                 job = self._pending[0]
                 if self.adapter.active and self.adapter.active + job.n_rows > self.max_batch:
                     break
+                if self.adapter.active and not admitted and self.admit_wave > 1:
+                    waiting = sum(j.n_rows for j in self._pending)
+                    if self.max_batch - self.adapter.active < min(self.admit_wave, waiting):
+                        break  # wait for a wave of free slots
                 self._pending.popleft()
                 self.metrics.queue_depth.set(len(self._pending))
             job.admitted = time.monotonic()
             self.metrics.queue_wait.observe(job.admitted - job.arrived)
             self._start(job)
+            admitted += 1
         self.metrics.active_rows.set(self.adapter.active)
 
     def _start(self, job: Job) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, create_model
 
 from ..sampling.config import DecodeConfig, field_type, user_fields
 
@@ -60,14 +60,31 @@ def generation_schemas() -> tuple[type[BaseModel], type[BaseModel]]:
             create_model("InfillRequest", __base__=InfillBody, **fields))
 
 
+MAX_PROMPTS = 64      # prompts in one completion request (each its own job of n rows)
+MAX_TOP_LOGPROBS = 5  # alternatives per token, as OpenAI's completions API
+
+
+def _prompt(value):
+    """A text, or a list of 1 to MAX_PROMPTS texts (one check, so an error names ``prompt`` alone)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_PROMPTS or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"prompt must be a string or a list of 1 to {MAX_PROMPTS} strings")
+    if any(len(t) > MAX_CHARS for t in texts):
+        raise ValueError(f"a prompt has more than {MAX_CHARS} characters")
+    return value
+
+
 class CompletionBody(RequestBase):
-    prompt: str = Field(..., max_length=MAX_CHARS)
+    prompt: Annotated[str | list[str], PlainValidator(_prompt)] = Field(
+        ..., description="a text, or a list of texts: n choices per text, in the order of the texts")
     suffix: str | None = Field(None, max_length=MAX_CHARS)
     max_tokens: int = Field(16, ge=1, le=100_000)
     hole_length: int | None = Field(None, ge=1, le=100_000,
                                     description="asarm: the middle's length when a suffix is given")
-    logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the sampled tokens' log-probs")
-    echo: Literal[False] = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="the sampled tokens' log-probs, and with n >= 1 the n likeliest "
+                                             "tokens of each (exact: the target each token was drawn from)")
+    echo: bool = Field(False, description="the prompt before the completion in each choice's text")
     best_of: Literal[1] | None = None
     stop: None = None
     user: str | None = None
