@@ -15,3 +15,8 @@ class SandboxError(ASARMError):
 
 class InputError(ASARMError):
     """Token ids, masks, options or text that cannot be used."""
+
+
+class LiteralMaskWarning(UserWarning):
+    """``[mask]`` written in another case than ``[MASK]``: literal text, perhaps meant as a hole
+    (``asarm.text.markup``)."""

@@ -154,6 +154,8 @@ def _read_json(path: Path, what: str) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: {what}, not valid JSON ({exc})") from None
+    except RecursionError:  # a JSON value nested thousands deep
+        raise CheckpointError(f"{path}: {what} (JSON nested too deeply)") from None
 
 
 def _direct(directory: Path, config: dict | None) -> bool:

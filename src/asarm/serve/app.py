@@ -330,7 +330,7 @@ class Api:
         from ..text import parse_scored_text
 
         state = self.state
-        ids, hidden = await state.off_loop(parse_scored_text, state.tokenizer, body.text)
+        ids, hidden = await state.off_loop(parse_scored_text, state.tokenizer, body.text, state.max_length)
         if len(ids) > state.max_length:
             raise InputError(f"the text is {len(ids)} tokens, more than the model's maximum length of {state.max_length}")
         if len(ids) == 0:
