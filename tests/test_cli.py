@@ -356,6 +356,26 @@ def test_devices_asarm_cannot_run_on_are_one_line():
         resolve_device(f"cuda:{torch.cuda.device_count() + 3}")
 
 
+def test_the_python_api_defaults_to_one_thread_unless_the_program_chose():
+    """torch's one thread per core made the quickstart 2.7x slower on a busy machine."""
+    code = ("import os, torch, asarm, asarm.threads as th\n"
+            "default = th.torch_default_threads()\n"
+            "assert torch.get_num_threads() == default\n"
+            "asarm.load_model('asarm-en-small'); out = [torch.get_num_threads()]\n"
+            "th._chosen = False; os.environ['ASARM_NUM_THREADS'] = '3'\n"
+            "asarm.load_model('asarm-en-small'); out.append(torch.get_num_threads())\n"
+            "th._chosen = False; del os.environ['ASARM_NUM_THREADS']; torch.set_num_threads(default + 1)\n"
+            "asarm.load_model('asarm-en-small'); out.append(torch.get_num_threads() - default)\n"
+            "th._chosen = False; os.environ['OMP_NUM_THREADS'] = str(default); torch.set_num_threads(default)\n"
+            "asarm.load_model('asarm-en-small'); out.append(torch.get_num_threads() - default)\n"
+            "print(out)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ASARM_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(env, PYTHONPATH=str(ROOT / "src")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[1, 3, 1, 0]"
+
+
 def test_a_deeply_nested_config_json_is_one_line(tmp_path, capsys):
     import shutil
 

@@ -132,7 +132,10 @@ def resolve_threads(requested: int | None) -> int | None:
 
 def apply_threads(requested: int | None) -> int | None:
     """Set torch's intra-op threads (see ``resolve_threads``); returns the number set, or None."""
+    from .threads import mark_chosen
+
     threads = resolve_threads(requested)
+    mark_chosen()  # the Python API's default (at load_model) must not override the command's choice
     if threads is not None:
         import torch
 
