@@ -310,12 +310,13 @@ def test_option_value_and_input_errors_answer_before_torch(tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("word " * 300_000)  # 1.5 MB: more than any model's limit, refused unread
     cases = [
-        (["infill", "x[MASK]", "--temperature", "-1"], "--temperature must be >= 0 and <= 100, got -1.0"),
-        (["infill", "x[MASK]", "--temperature", "nan"], "--temperature must be"),
-        (["infill", "x[MASK]", "-k", "0"], "-k must be >= 1 and <= 64, got 0"),
+        (["infill", "x[MASK]", "--temperature", "-1"], "--temperature must be > 0, got -1.0"),
+        (["infill", "x[MASK]", "--temperature", "1000"], "--temperature must be >= 0 and <= 100, got 1000.0"),
+        (["infill", "x[MASK]", "-k", "0"], "k must be an integer >= 1, got 0"),
         (["infill", "x[MASK]", "-k", "1000000000"], "-k must be >= 1 and <= 64, got 1000000000"),
-        (["infill", "x[MASK]", "--top-p", "2"], "--top-p must be > 0 and <= 1"),
-        (["generate", "hi", "--top-k", "0"], "--top-k must be >= 1"),
+        (["infill", "x[MASK]", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+        (["generate", "hi", "--top-k", "2000000"], "--top-k must be >= 1 and <= 1000000, got 2000000"),
         (["generate", "hi", "--length", "0"], "--length must be >= 1"),
         (["infill", "--file", str(tmp_path / "missing.txt")], "cannot read"),
         (["infill", "--file", "/dev/zero"], "is longer than 1,000,000 bytes"),

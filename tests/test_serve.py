@@ -401,7 +401,7 @@ def test_length_prior_in_requests(server):
 
 def test_unclosed_spans_are_parsed_in_linear_time_off_the_event_loop(client):
     """50,000 unclosed ``[[`` took 70 s on the event loop (/health waited as long)."""
-    from asarm.scoring import _find_spans
+    from asarm.text.markup import find_spans as _find_spans
 
     start = time.perf_counter()
     with pytest.raises(asarm.InputError, match="unclosed"):

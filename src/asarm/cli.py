@@ -416,11 +416,11 @@ def check_option_values(args) -> None:
         resolve_threads(args.threads)
     if getattr(args, "device", None) is not None:
         check_device_name(args.device)
-    if hasattr(args, "k"):  # infill and generate: every decoding option, as sampling will read it
+    if args.command in ("infill", "generate"):  # every decoding option, as sampling will read it
         if args.command == "generate" and args.length < 1:
             raise InputError(f"--length must be >= 1, got {args.length}")
+        sampling_options(args)  # DecodeConfig's own checks first: their messages say more (0: greedy)
         check_sampling_bounds(args)
-        sampling_options(args)
         length_options(args)
     # the input last, so a mistyped option is reported before a long read
     if args.command in ("infill", "score"):

@@ -101,9 +101,13 @@ def check_sampling_bounds(args) -> None:
         meta = f.metadata
         if "ge" in meta and not value >= meta["ge"] or "gt" in meta and not value > meta["gt"] \
                 or "le" in meta and not value <= meta["le"] or value != value:
-            low = f">= {meta['ge']:g}" if "ge" in meta else f"> {meta['gt']:g}" if "gt" in meta else None
-            high = f"<= {meta['le']:g}" if "le" in meta else None
+            low = f">= {_number(meta['ge'])}" if "ge" in meta else f"> {_number(meta['gt'])}" if "gt" in meta else None
+            high = f"<= {_number(meta['le'])}" if "le" in meta else None
             raise InputError(f"{flag} must be {' and '.join(b for b in (low, high) if b)}, got {value}")
+
+
+def _number(bound) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 MAX_THREADS = 1024  # torch crashed (segfault) when asked for 100,000 threads
