@@ -377,6 +377,15 @@ def test_the_python_api_defaults_to_one_thread_unless_the_program_chose():
     assert r.stdout.strip() == "[1, 3, 1, 0]"
 
 
+def test_lowercase_mask_is_a_one_line_warning_on_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "asarm.cli", "infill", "The [mask] sat."], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 2, r.stderr
+    assert lines[0].startswith("asarm: warning: [mask] at character 4 is literal text, not a hole")
+    assert lines[1].startswith("asarm infill: error: the text has no holes")
+
+
 def test_a_deeply_nested_config_json_is_one_line(tmp_path, capsys):
     import shutil
 

@@ -45,7 +45,7 @@ def base_url():
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
 def test_generated_requests_never_get_a_5xx(case, base_url):
     response = case.call(base_url=base_url, timeout=120)
