@@ -418,18 +418,19 @@ async def collect(request: Request, job: Job, answer):
     task = asyncio.ensure_future(answer)
     gone = asyncio.ensure_future(_disconnected(request))
     stopping = state.stop_waiter()
+    answered = False
     try:
         await asyncio.wait({task, gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this request's task is cancelled: nothing is left running unobserved
-        for watcher in (gone, stopping):
-            watcher.cancel()
-            watcher.add_done_callback(_retrieve)
-        task.add_done_callback(_retrieve)
-    if task.done():
+        answered = task.done()
+    finally:  # also when this request's own task is cancelled: nothing is left running unobserved
+        for future in (task, gone, stopping):
+            if future is not task or not answered:
+                future.cancel()
+            future.add_done_callback(_retrieve)
+    if answered:
         return task.result()
-    task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        await task  # its clean-up (the job is cancelled) runs before the answer goes out
     if stopping.done() and not stopping.cancelled():
         raise ShuttingDown(GRACE_OVER)
     raise ClientGone()
