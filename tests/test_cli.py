@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -299,6 +300,103 @@ def test_abusive_option_values_are_one_line_errors_before_torch(argv, message):
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_option_value_and_input_errors_answer_before_torch(tmp_path):
+    """Option *values* (not only their syntax), the device's name and the input file are checked
+    before torch loads: `-k 1000000000` tried to allocate 1.5 TB, `--file /dev/zero` grew until
+    the kernel killed it, `--device meta` was a traceback, and each took seconds to import
+    torch first. All cases run in one interpreter (one start-up) that must never import torch."""
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 300_000)  # 1.5 MB: more than any model's limit, refused unread
+    cases = [
+        (["infill", "x[MASK]", "--temperature", "-1"], "--temperature must be > 0, got -1.0"),
+        (["infill", "x[MASK]", "--temperature", "1000"], "--temperature must be >= 0 and <= 100, got 1000.0"),
+        (["infill", "x[MASK]", "-k", "0"], "k must be an integer >= 1, got 0"),
+        (["infill", "x[MASK]", "-k", "1000000000"], "-k must be >= 1 and <= 64, got 1000000000"),
+        (["infill", "x[MASK]", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+        (["generate", "hi", "--top-k", "2000000"], "--top-k must be >= 1 and <= 1000000, got 2000000"),
+        (["generate", "hi", "--length", "0"], "--length must be >= 1"),
+        (["infill", "--file", str(tmp_path / "missing.txt")], "cannot read"),
+        (["infill", "--file", "/dev/zero"], "is longer than 1,000,000 bytes"),
+        (["score", "--file", str(big)], "is longer than 1,000,000 bytes"),
+        (["infill", "x[MASK]", "--device", "meta"], "--device 'meta': use cpu, cuda, cuda:N or mps"),
+        (["score", "x", "--device", "tpu:0"], "--device 'tpu:0'"),
+    ]
+    code = ("import contextlib, io, json, sys\n"
+            "from asarm.cli import main\n"
+            "out = []\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        rc = main(argv)\n"
+            "    out.append([rc, err.getvalue()])\n"
+            "print(json.dumps([out, 'torch' in sys.modules]))\n")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([argv for argv, _ in cases])], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert r.returncode == 0, r.stderr
+    results, torch_imported = json.loads(r.stdout)
+    for (argv, message), (rc, err) in zip(cases, results):
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not torch_imported
+
+
+def test_devices_asarm_cannot_run_on_are_one_line():
+    import torch
+
+    from asarm.devices import resolve_device
+
+    for name in ("meta", "xpu"):
+        with pytest.raises(asarm.InputError, match="not supported|not available"):
+            resolve_device(name)
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        with pytest.raises(asarm.InputError, match="MPS .* not available"):
+            resolve_device("mps")
+    with pytest.raises(asarm.InputError, match="CUDA"):
+        resolve_device(f"cuda:{torch.cuda.device_count() + 3}")
+
+
+def test_the_python_api_defaults_to_one_thread_unless_the_program_chose():
+    """torch's one thread per core made the quickstart 2.7x slower on a busy machine."""
+    code = ("import os, torch, asarm, asarm.threads as th\n"
+            "default = th.torch_default_threads()\n"
+            "assert torch.get_num_threads() == default\n"
+            "asarm.load_model('asarm-en-small'); out = [torch.get_num_threads()]\n"
+            "th._chosen = False; os.environ['ASARM_NUM_THREADS'] = '3'\n"
+            "asarm.load_model('asarm-en-small'); out.append(torch.get_num_threads())\n"
+            "th._chosen = False; del os.environ['ASARM_NUM_THREADS']; torch.set_num_threads(default + 1)\n"
+            "asarm.load_model('asarm-en-small'); out.append(torch.get_num_threads() - default)\n"
+            "th._chosen = False; os.environ['OMP_NUM_THREADS'] = str(default); torch.set_num_threads(default)\n"
+            "asarm.load_model('asarm-en-small'); out.append(torch.get_num_threads() - default)\n"
+            "print(out)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ASARM_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(env, PYTHONPATH=str(ROOT / "src")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[1, 3, 1, 0]"
+
+
+def test_lowercase_mask_is_a_one_line_warning_on_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "asarm.cli", "infill", "The [mask] sat."], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 2, r.stderr
+    assert lines[0].startswith("asarm: warning: [mask] at character 4 is literal text, not a hole")
+    assert lines[1].startswith("asarm infill: error: the text has no holes")
+
+
+def test_a_deeply_nested_config_json_is_one_line(tmp_path, capsys):
+    import shutil
+
+    from asarm.checkpoint import SHIPPED_DIR
+
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED_DIR / "asarm-en-small", folder)
+    (folder / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert main(["infill", "The [MASK:2] sat.", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json: not a model config (JSON nested too deeply)" in err
 
 
 def test_a_deeply_nested_length_prior_is_one_line(tmp_path, capsys):

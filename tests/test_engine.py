@@ -10,6 +10,7 @@ import torch
 from scipy.stats import binomtest
 
 from asarm import DecodeConfig, InputError
+from asarm.errors import Cancelled
 from asarm.sampling import Engine, TargetDistribution, draw, sample, verify
 from conftest import tiny_model
 from exact import g_test
@@ -176,6 +177,8 @@ def test_engine_grows_for_a_longer_row_and_cancel_frees_it():
     assert engine.active == 2 and c.cancelled
     engine.run()
     assert a.done and b.done and not c.done
+    with pytest.raises(Cancelled, match="cancelled"):  # it used to return the mask ids as its text
+        c.result()
     solo = Engine(model)
     s = solo.add(long_ids[0], long_masked[0], DecodeConfig(k=2), seed=1)
     solo.run()

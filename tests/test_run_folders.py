@@ -109,6 +109,54 @@ def test_damaged_checkpoints_fall_back_with_a_warning(tmp_path):
         ck.load_newest(ck.candidates(tmp_path, "LATEST"), read_trainer_state, lambda *a: None)
 
 
+def test_the_previous_checkpoint_is_kept_for_resume_to_fall_back_to(tmp_path):
+    model = tiny_model()
+    for step in (5, 10, 15):  # each the best so far: LATEST and BEST name the same folder
+        ck.save_checkpoint(tmp_path, model, tiny_state(model, step), best=True)
+    assert entries(tmp_path) == ["BEST", "LATEST", "step-0000010", "step-0000015"]
+    (tmp_path / "step-0000015" / "model.safetensors").write_bytes(b"\x00" * 16)  # one damaged file
+    warnings = []
+    folder, state = ck.load_newest(ck.candidates(tmp_path, "LATEST"),
+                                   lambda d: (ck.load_checkpoint_weights(tiny_model(), d), read_trainer_state(d))[1],
+                                   warnings.append)
+    assert folder.name == "step-0000010" and state["step"] == 10 and len(warnings) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda st: st.update(step=-3), "step must be an integer >= 0, got -3"),
+    (lambda st: st.update(step=True), "step must be an integer >= 0"),
+    (lambda st: st["rng"][0].update(torch=torch.zeros(7, dtype=torch.uint8)), "bad RNG state of rank 0: the torch"),
+    (lambda st: st["rng"][0].update(python=(3, (1, 2), None)), "bad RNG state of rank 0: the python"),
+    (lambda st: st.update(rng={0: "garbage"}), "bad RNG state of rank 0"),
+    (lambda st: st.update(rng=["x"]), "bad RNG state: expected one entry per rank"),
+])
+def test_a_negative_step_or_a_bad_rng_state_is_a_clear_error(tmp_path, damage, message):
+    model = tiny_model()
+    state = tiny_state(model, 5)
+    damage(state)
+    with pytest.raises(CheckpointError, match=message):
+        read_trainer_state(ck.save_checkpoint(tmp_path, model, state))
+
+
+def test_deeply_nested_trainer_state_json_is_one_line(tmp_path):
+    model = tiny_model()
+    ck.save_checkpoint(tmp_path, model, tiny_state(model, 5))
+    folder = tmp_path / "step-0000005"
+    (folder / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_trainer_state(folder)
+    nested = {"format": ck.FORMAT, "state": json.loads("[" * 900 + "]" * 900)}  # parses, then decodes deeply
+    (folder / "trainer_state.json").write_text(json.dumps(nested))
+    import sys
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)  # decode_state recursion hits the limit before json's parser would
+    try:
+        with pytest.raises(CheckpointError, match="nested too deeply"):
+            read_trainer_state(folder)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 # --- runs ------------------------------------------------------------------------------------------
 def test_resume_falls_back_to_the_newest_readable_checkpoint_and_continues_exactly(corpus, tmp_path, capfd):
     out = tmp_path / "run"
@@ -116,9 +164,11 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint_and_continues_exact
     train(TrainConfig(**{**cfg, "max_steps": 3}))
     step3 = tmp_path / "step-0000003"
     shutil.copytree(out / "checkpoints" / "step-0000003", step3)
-    train(TrainConfig(**cfg), resume=True)  # steps 4-6; step 3's folder is pruned
+    train(TrainConfig(**cfg), resume=True)  # steps 4-6; step 3's folder is kept as the previous checkpoint
     reference = losses(out)
     assert [s for s, _ in reference] == [str(i) for i in range(1, 7)]
+    assert (out / "checkpoints" / "step-0000003").is_dir()
+    shutil.rmtree(out / "checkpoints" / "step-0000003")  # as resume left it: the copy from before
     shutil.copytree(step3, out / "checkpoints" / "step-0000003")
     (out / "checkpoints" / "step-0000006" / "trainer_state.json").write_text("")  # truncated
     capfd.readouterr()

@@ -294,3 +294,52 @@ def _streaming_fake(fill_id):
         n = len(positions)
         return types.SimpleNamespace(input_ids=out[None], nfe=n, rounds=n, accepted=[1] * n)
     return sample
+
+
+# --- reliability (issue 30) ----------------------------------------------------------------------
+def test_unknown_length_hole_with_room_for_one_token_is_an_error():
+    """Near the length limit a [MASK] used to become a 1-token hole silently."""
+    from asarm.text import read_markup
+
+    model = asarm.load_model("asarm-en-small")
+    limit = model.config.max_length
+    text = " ".join(["word"] * (limit - 1))
+    assert len(encode(model.tokenizer, text)) == limit - 1  # one position left: the hole's
+    with pytest.raises(InputError, match=r"room for only 1 token.*\[MASK:1\]"):
+        read_markup(model, text + "[MASK]")
+    assert read_markup(model, text + "[MASK:1]").candidates == [[1]]  # asked for: fine
+    assert read_markup(model, " ".join(["word"] * (limit - 3)) + "[MASK]").candidates == [[1, 2, 3]]
+
+
+def test_text_far_beyond_the_limit_is_refused_before_tokenizing(monkeypatch):
+    """A 10 MB input used 2.1 GB and 12.7 s to tokenize before its length error."""
+    import asarm.text.markup as markup
+    from asarm.text import read_markup
+
+    model = asarm.load_model("asarm-en-small")
+    calls = []
+    monkeypatch.setattr(markup, "encode", lambda *a: calls.append(a) or [])
+    huge = "y" * (markup.MAX_CHARS_PER_TOKEN * model.config.max_length + 1)
+    with pytest.raises(InputError, match="characters long, far more than the model's maximum length of 128"):
+        read_markup(model, huge + "[MASK]")
+    with pytest.raises(InputError, match="characters long"):
+        parse_scored_text(model.tokenizer, huge, max_length=model.config.max_length)
+    with pytest.raises(InputError, match="characters long"):
+        read_markup(model, [huge, asarm.text.Hole()])  # the server's parts
+    assert calls == []
+
+
+def test_lowercase_mask_is_literal_text_with_one_warning(monkeypatch, tok):
+    import asarm.text.markup as markup
+    from asarm.errors import LiteralMaskWarning
+
+    monkeypatch.setattr(markup, "_warned_other_case", False)
+    with pytest.warns(LiteralMaskWarning, match=r"\[mask\] at character 4 is literal text.*\[MASK\]"):
+        assert parse_markup("The [mask] sat on [MASK:2].") == ["The [mask] sat on ", 2, "."]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_markup("xs[Mask:3] = [MASK:1]") == ["xs[Mask:3] = ", 1]  # once per process
+        monkeypatch.setattr(markup, "_warned_other_case", False)
+        assert parse_markup("\\[mask] [MASKED] [mask [MASK:1]") == ["[mask] [MASKED] [mask ", 1]  # escaped: silent

@@ -122,6 +122,23 @@ def test_load_corrupt_tokenizer_content(tmp_path, text_tok):
         load_tokenizer(tmp_path)
 
 
+def test_tokenizer_with_an_empty_vocabulary_is_refused(tmp_path, text_tok):
+    """It used to load and silently turn every text into no tokens (issue 30)."""
+    text_tok.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["model"]["vocab"], data["model"]["merges"] = {}, []
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="turns text into no tokens"):
+        load_tokenizer(tmp_path)
+
+
+def test_deeply_nested_tokenizer_json_is_one_line(tmp_path, text_tok):
+    text_tok.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_tokenizer(tmp_path)
+
+
 def test_load_corrupt_spiece(tmp_path):
     (tmp_path / "spiece.model").write_bytes(b"\x00garbage not a sentencepiece model")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlnet"}))

@@ -10,7 +10,7 @@ start-up (``--help``, ``models``) do not pay for torch; ``from asarm import ASAR
 works as usual and imports what it needs.
 """
 
-from .errors import ASARMError, CheckpointError, InputError
+from .errors import ASARMError, Cancelled, CheckpointError, InputError
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ _LAZY = {
     "ScoreResult": "scoring",
 }
 
-__all__ = ["ASARMError", "CheckpointError", "InputError", *_LAZY]
+__all__ = ["ASARMError", "Cancelled", "CheckpointError", "InputError", *_LAZY]
 
 
 def __getattr__(name):

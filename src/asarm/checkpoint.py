@@ -60,7 +60,14 @@ def load_model(name_or_path=DEFAULT_MODEL, revision: str | None = None, device=N
     inference through the fast pass (``asarm.fastpass``; None: on for CPUs). The tokenizer
     (or None) is attached as ``model.tokenizer`` and the source directory as
     ``model.name_or_path``.
+
+    Threads: the first call in a process sets torch to one thread, measured fastest for these
+    models, unless the program chose (``ASARM_NUM_THREADS``, ``OMP_NUM_THREADS`` or its own
+    ``torch.set_num_threads`` call; ``asarm.threads``).
     """
+    from .threads import apply_library_default
+
+    apply_library_default()
     return ASARM.from_pretrained(name_or_path, revision=revision, device=device, dtype=dtype,
                                  mask_token_id=mask_token_id, quantize=quantize, fast_path=fast_path)
 

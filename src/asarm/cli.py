@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import (SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
-                       add_threads_argument, apply_threads, load_cli_model, read_text, resolve_threads,
-                       sampling_options)
+from .cli_args import (CORPUS_BYTES, SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
+                       add_threads_argument, apply_threads, check_device_name, check_sampling_bounds,
+                       load_cli_model, read_text, resolve_threads, sampling_options)
 from .config import QUANTIZATIONS
-from .errors import ASARMError, InputError
+from .errors import ASARMError, InputError, LiteralMaskWarning
 
 # Subcommands defined in modules that import torch. `asarm --help` lists them from this table;
 # their real parsers are built only when the command is named (tests check the help texts match).
@@ -169,8 +169,14 @@ def run_infill(args, text: str) -> int:
     return 0
 
 
+def input_text(args) -> str:
+    """The input text, read by ``check_option_values`` before torch loaded (or now)."""
+    text = getattr(args, "input_text", None)
+    return read_text(args) if text is None else text
+
+
 def cmd_infill(args) -> int:
-    return run_infill(args, read_text(args))
+    return run_infill(args, input_text(args))
 
 
 def cmd_length_prior(args) -> int:
@@ -178,7 +184,7 @@ def cmd_length_prior(args) -> int:
     the length information with our small models: results/hole-length)."""
     from .lengths import length_counts, prior_from_counts, text_units
 
-    texts = [read_text(argparse.Namespace(file=None if path == "-" else path, text=path)) for path in args.files]
+    texts = getattr(args, "input_texts", None) or read_corpora(args.files)
     tokenizer = getattr(load_cli_model(args), "tokenizer", None)
     if tokenizer is None:
         raise InputError(f"{args.model}: this model has no tokenizer files")
@@ -199,6 +205,11 @@ def cmd_length_prior(args) -> int:
     return 0
 
 
+def read_corpora(paths: list[str]) -> list[str]:
+    return [read_text(argparse.Namespace(file=None if path == "-" else path, text=path), max_bytes=CORPUS_BYTES)
+            for path in paths]
+
+
 def cmd_score(args) -> int:
     import math
 
@@ -211,7 +222,7 @@ def cmd_score(args) -> int:
     model = load_cli_model(args)
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer files; score token ids with asarm.score() instead")
-    ids, hidden = parse_scored_text(model.tokenizer, read_text(args))
+    ids, hidden = parse_scored_text(model.tokenizer, input_text(args), getattr(model.config, "max_length", None))
     if len(ids) == 0:
         raise InputError("nothing to score: the text is empty")
     order = args.order if args.order in ("left-to-right", "random") else [int(x) for x in args.order.split(",")]
@@ -232,7 +243,7 @@ def cmd_generate(args) -> int:
     if args.length < 1:
         raise InputError(f"--length must be >= 1, got {args.length}")
     prompt = args.prompt
-    if prompt == "-":
+    if prompt == "-" and not getattr(args, "prompt_read", False):
         prompt = read_text(argparse.Namespace(file=None, text="-"))
     escaped = (prompt or "").replace("[", "\\[")
     return run_infill(args, f"{escaped}[MASK:{args.length}]")
@@ -452,7 +463,7 @@ MAX_HOLE_LIMIT = 4096  # as asarm.lengths.MAX_HOLE_LIMIT (not imported: that mod
 
 
 def check_option_values(args) -> None:
-    """Option values every command shares, checked before torch or a model loads (about 0.1 s)."""
+    """Option values and the input text, checked before torch or a model loads (about 0.1 s)."""
     import math
 
     max_hole = getattr(args, "max_hole", None)
@@ -466,10 +477,43 @@ def check_option_values(args) -> None:
         raise InputError(f"--out {out} is a directory: give a file name")
     if hasattr(args, "threads") and args.command != "train":
         resolve_threads(args.threads)
+    if getattr(args, "device", None) is not None:
+        check_device_name(args.device)
+    if args.command in ("infill", "generate"):  # every decoding option, as sampling will read it
+        if args.command == "generate" and args.length < 1:
+            raise InputError(f"--length must be >= 1, got {args.length}")
+        sampling_options(args)  # DecodeConfig's own checks first: their messages say more (0: greedy)
+        check_sampling_bounds(args)
+        length_options(args)
+    # the input last, so a mistyped option is reported before a long read
+    if args.command in ("infill", "score"):
+        args.input_text = read_text(args)
+    elif args.command == "generate" and args.prompt == "-":
+        args.prompt, args.prompt_read = read_text(argparse.Namespace(file=None, text="-")), True
+    elif args.command == "length-prior":
+        args.input_texts = read_corpora(args.files)
+
+
+def one_line_warnings() -> None:
+    """asarm's own warnings (``LiteralMaskWarning``) as one ``asarm: warning:`` line, like errors."""
+    import warnings
+
+    default = warnings.formatwarning
+    if getattr(default, "asarm_one_line", False):  # main() already ran in this process
+        return
+
+    def formatwarning(message, category, *args, **kwargs):
+        if issubclass(category, LiteralMaskWarning):
+            return f"asarm: warning: {message}\n"
+        return default(message, category, *args, **kwargs)
+
+    formatwarning.asarm_one_line = True
+    warnings.formatwarning = formatwarning
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    one_line_warnings()
     parser = build_parser(command_name(argv))
     args = parser.parse_args(argv)
     args.command_line = "asarm " + " ".join(argv)  # recorded by commands that write results

@@ -96,6 +96,29 @@ def sampling_options(args) -> dict:
     return dict(config=config, order=order, seed=args.seed)
 
 
+def check_sampling_bounds(args) -> None:
+    """The decoding options' bounds (``ge``/``gt``/``le`` in ``DecodeConfig``'s field metadata,
+    the limits the server enforces too), checked on the parsed flags before torch loads: ``-k
+    1000000000`` would otherwise size a cache of terabytes."""
+    from .sampling.config import user_fields
+
+    for f in user_fields("cli"):
+        value = getattr(args, f.name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        meta = f.metadata
+        if "ge" in meta and not value >= meta["ge"] or "gt" in meta and not value > meta["gt"] \
+                or "le" in meta and not value <= meta["le"] or value != value:
+            low = f">= {_number(meta['ge'])}" if "ge" in meta else f"> {_number(meta['gt'])}" if "gt" in meta else None
+            high = f"<= {_number(meta['le'])}" if "le" in meta else None
+            raise InputError(f"{flag} must be {' and '.join(b for b in (low, high) if b)}, got {value}")
+
+
+def _number(bound) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
 MAX_THREADS = 1024  # torch crashed (segfault) when asked for 100,000 threads
 
 
@@ -122,12 +145,24 @@ def resolve_threads(requested: int | None) -> int | None:
 
 def apply_threads(requested: int | None) -> int | None:
     """Set torch's intra-op threads (see ``resolve_threads``); returns the number set, or None."""
+    from .threads import mark_chosen
+
     threads = resolve_threads(requested)
+    mark_chosen()  # the Python API's default (at load_model) must not override the command's choice
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     return threads
+
+
+def check_device_name(device: str) -> None:
+    """A device asarm can run on, by name (torch checks it is present when the model loads):
+    ``meta`` has no data and others (xpu, hpu, ...) are not supported."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?|mps", device.strip()):
+        raise InputError(f"--device {device!r}: use cpu, cuda, cuda:N or mps")
 
 
 def load_cli_model(args):
@@ -154,24 +189,38 @@ def check_revision(name: str, revision: str) -> None:
                      "drop --revision")
 
 
-def read_text(args) -> str:
+# The most input a command reads (--file, standard input). No model takes more than a few
+# thousand tokens, so a text of a megabyte is already hundreds of times too long; reading at
+# most this much keeps `--file /dev/zero` or a 10 GB file from filling memory before the length
+# error. `length-prior` reads corpora and allows more (CORPUS_BYTES).
+MAX_INPUT_BYTES = 1_000_000
+CORPUS_BYTES = 64_000_000
+
+
+def read_text(args, max_bytes: int = MAX_INPUT_BYTES) -> str:
     """The command's input text: --file PATH, '-' for standard input, or the argument itself.
-    Input that is not UTF-8 text is an InputError, not a traceback."""
+    Input that is not UTF-8 text, or longer than ``max_bytes``, is an InputError, not a traceback."""
     if args.file is not None:
         try:
             with open(args.file, "rb") as f:
-                data = f.read()
+                data = f.read(max_bytes + 1)
         except OSError as exc:
             raise InputError(f"cannot read {args.file}: {exc.strerror}") from None
-        return _decode_text(data, args.file)
+        return _decode_text(_capped(data, args.file, max_bytes), args.file)
     if args.text is None:
         raise InputError("give the text as an argument, '-' for standard input, or --file PATH")
     if args.text == "-":
         stdin = getattr(sys.stdin, "buffer", None)
         if stdin is None:  # a text stream (tests, embedding): nothing to decode
-            return _check_text(sys.stdin.read(), "standard input")
-        return _decode_text(stdin.read(), "standard input")
-    return args.text
+            return _check_text(_capped(sys.stdin.read(max_bytes + 1), "standard input", max_bytes), "standard input")
+        return _decode_text(_capped(stdin.read(max_bytes + 1), "standard input", max_bytes), "standard input")
+    return _capped(args.text, "the text", max_bytes)
+
+
+def _capped(data, where: str, max_bytes: int):
+    if len(data) > max_bytes:
+        raise InputError(f"{where} is longer than {max_bytes:,} bytes, far more than any model's length limit")
+    return data
 
 
 def _decode_text(data: bytes, where: str) -> str:

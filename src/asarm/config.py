@@ -166,4 +166,6 @@ class ASARMConfig:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:  # a JSON value nested thousands deep
+            raise CheckpointError(f"{path}: not a model config (JSON nested too deeply)") from None
         return cls.from_dict(data, source=str(path))

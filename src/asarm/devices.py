@@ -55,4 +55,10 @@ def resolve_device(device) -> torch.device:
         raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"device {device!r} requested but MPS (an Apple GPU) is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta holds no data; other backends are untested
+        raise InputError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
     return dev

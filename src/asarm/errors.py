@@ -15,3 +15,12 @@ class SandboxError(ASARMError):
 
 class InputError(ASARMError):
     """Token ids, masks, options or text that cannot be used."""
+
+
+class Cancelled(InputError):
+    """The result of a row that was cancelled (``Engine.cancel``): its holes were never filled."""
+
+
+class LiteralMaskWarning(UserWarning):
+    """``[mask]`` written in another case than ``[MASK]``: literal text, perhaps meant as a hole
+    (``asarm.text.markup``)."""

@@ -141,10 +141,20 @@ def load_tokenizer(directory: str | Path):
     tok_json = directory / "tokenizer.json"
     config = _read_json(directory / "tokenizer_config.json", "corrupt tokenizer config")
     if tok_json.is_file() and _direct(directory, config):
-        return _load_direct(tok_json, config)
-    if tok_json.is_file():
-        _read_json(tok_json, "corrupt tokenizer file")
-    return _load_auto(directory)
+        tokenizer = _load_direct(tok_json, config)
+    else:
+        if tok_json.is_file():
+            _read_json(tok_json, "corrupt tokenizer file")
+        tokenizer = _load_auto(directory)
+    _check_encodes_text(tokenizer, directory)
+    return tokenizer
+
+
+def _check_encodes_text(tokenizer, directory: Path) -> None:
+    """A tokenizer that turns text into no tokens at all (e.g. a ``tokenizer.json`` whose
+    vocabulary was emptied) would silently empty every text it is given: refuse it at load."""
+    if not encode(tokenizer, "Hello, world."):
+        raise CheckpointError(f"{directory}: the tokenizer turns text into no tokens (is its vocabulary empty?)")
 
 
 def _read_json(path: Path, what: str) -> dict | None:
@@ -154,6 +164,8 @@ def _read_json(path: Path, what: str) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: {what}, not valid JSON ({exc})") from None
+    except RecursionError:  # a JSON value nested thousands deep
+        raise CheckpointError(f"{path}: {what} (JSON nested too deeply)") from None
 
 
 def _direct(directory: Path, config: dict | None) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from ..cache import ContentCache
-from ..errors import InputError
+from ..errors import Cancelled, InputError
 from ..model import NO_KEY
 from ..ranks import decoding_order
 from .checks import check_row, resolve_seed, row_seed
@@ -44,6 +44,10 @@ class RowHandle:
         return self.row.done
 
     def result(self) -> SampleResult:
+        """The decoded row; ``Cancelled`` for a row dropped by ``Engine.cancel`` (its holes
+        would still hold the mask id)."""
+        if self.cancelled:
+            raise Cancelled("this row was cancelled (Engine.cancel) before it finished: it has no result")
         end = self.finished if self.finished is not None else time.perf_counter()
         return SampleResult.of_rows([self.row], self.input_ids[None], self.return_logprobs, end - self.started,
                                     squeeze=True)

@@ -13,6 +13,10 @@ import logging
 import os
 import signal
 
+# Seconds uvicorn waits after the grace period, while the requests still in flight are answered
+# 503 (streams: an error event); without them it cancelled those requests (500s, cut streams).
+ANSWER_SECONDS = 2.0
+
 
 def cmd_serve(args) -> int:
     import uvicorn
@@ -33,14 +37,34 @@ def cmd_serve(args) -> int:
     # limits at the transport: a slow or idle connection is closed, headers are bounded (h11),
     # and beyond limit_concurrency connections uvicorn answers 503 without reading anything
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.grace, access_log=args.log_level == "debug",
+                            timeout_graceful_shutdown=args.grace + ANSWER_SECONDS,
+                            access_log=args.log_level == "debug",
                             limit_concurrency=args.max_queue + args.max_batch + 64, timeout_keep_alive=5,
                             h11_max_incomplete_event_size=64 * 1024, http="h11")
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: make that second
     # delivery a no-op so a graceful stop exits with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(config).run()
+    draining_server(config, args.grace, app.state.asarm.abandon_in_flight).run()
     return 0
+
+
+def draining_server(config, grace: float, on_grace_over):
+    """A uvicorn server whose shutdown calls ``on_grace_over`` (on the event loop) once
+    ``grace`` seconds have passed with requests still in flight; uvicorn itself waits
+    ``ANSWER_SECONDS`` more for their answers to go out."""
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            timer = asyncio.get_running_loop().call_later(grace, on_grace_over)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return DrainingServer(config)
 
 
 def check_serve_options(args) -> str | None:
@@ -101,7 +125,8 @@ def add_cli(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
                    "/health and the page (default: $ASARM_API_KEY, else no key)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is cancelled")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests; "
+                   "then those still running are answered 503 (streams: an error event)")
     p.add_argument("--served-name", default=None, help="model id in the API (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--pass-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slow engine

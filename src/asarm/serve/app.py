@@ -1,7 +1,9 @@
 """The HTTP app: OpenAI-compatible routes, errors in OpenAI's shape, API key, metrics, playground.
 
 ``create_app(model, ...)`` builds it; the engine loop starts and stops with the app's lifespan,
-which uvicorn runs after it has drained in-flight requests on SIGTERM.
+which uvicorn runs after it has drained in-flight requests on SIGTERM. When the grace period
+runs out first, ``ServerState.abandon_in_flight`` answers every request still running: a JSON
+503, or an error event on an open stream (``asarm.serve.cmd_serve`` calls it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ MAX_BODY = 1_000_000
 PLANNING_MAX_CELLS = 1024  # exact hole-length cells per request; beyond: hole by hole (rows of the model)
 PUBLIC = ("/health", "/", "/favicon.ico")  # the page is static; every API route needs the key
 ENDPOINTS = {"/v1/completions", "/v1/infill", "/v1/score", "/v1/models", "/health", "/metrics", "/", "/infill"}
+
+
+GRACE_OVER = "the server is shutting down: its grace period ended before this request finished"
 
 
 class RequestTimeout(Exception):
@@ -94,6 +99,29 @@ class ServerState:
         # CPU work outside the engine (parsing, tokenizing, hole-length planning): off the event
         # loop, one request at a time, so neither /health nor the batch waits for it
         self.workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asarm-prepare")
+        # the shutdown grace ran out: answer 503 now (futures, not an asyncio.Event, which would
+        # bind to the first event loop that waits on it: tests run one app under several)
+        self.stopped = False
+        self._stop_waiters: set[asyncio.Future] = set()
+
+    def abandon_in_flight(self) -> None:
+        """The shutdown grace period is over: every request still waiting or running is answered
+        now (503; an error event on a stream) instead of being cut off. Call on the event loop."""
+        self.stopped = True
+        for waiter in list(self._stop_waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+        self.loop.abort(ShuttingDown(GRACE_OVER))
+
+    def stop_waiter(self) -> asyncio.Future:
+        """A future that completes when ``abandon_in_flight`` runs."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self.stopped:
+            waiter.set_result(None)
+        else:
+            self._stop_waiters.add(waiter)
+            waiter.add_done_callback(self._stop_waiters.discard)
+        return waiter
 
     async def off_loop(self, fn, *args):
         """``fn(*args)`` on the worker thread, in this request's context."""
@@ -423,7 +451,7 @@ class Api:
         from ..text import parse_scored_text
 
         state = self.state
-        ids, hidden = await state.off_loop(parse_scored_text, state.tokenizer, body.text)
+        ids, hidden = await state.off_loop(parse_scored_text, state.tokenizer, body.text, state.max_length)
         if len(ids) > state.max_length:
             raise InputError(f"the text is {len(ids)} tokens, more than the model's maximum length of {state.max_length}")
         if len(ids) == 0:
@@ -477,17 +505,34 @@ async def events(state: ServerState, job: Job):
 
 
 async def collect(request: Request, job: Job, answer):
-    """Await a non-streaming answer while watching for the client to hang up."""
+    """Await a non-streaming answer while watching for the client to hang up and for the end
+    of the shutdown grace period (then ShuttingDown: a 503)."""
+    state = request.app.state.asarm
     task = asyncio.ensure_future(answer)
     gone = asyncio.ensure_future(_disconnected(request))
-    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise ClientGone()
-    return task.result()
+    stopping = state.stop_waiter()
+    answered = False
+    try:
+        await asyncio.wait({task, gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        answered = task.done()
+    finally:  # also when this request's own task is cancelled: nothing is left running unobserved
+        for future in (task, gone, stopping):
+            if future is not task or not answered:
+                future.cancel()
+            future.add_done_callback(_retrieve)
+    if answered:
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task  # its clean-up (the job is cancelled) runs before the answer goes out
+    if stopping.done() and not stopping.cancelled():
+        raise ShuttingDown(GRACE_OVER)
+    raise ClientGone()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark an abandoned future's exception as seen (no "Task exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request) -> None:

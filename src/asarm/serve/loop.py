@@ -87,6 +87,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._closed = False
         self._stop = False
+        self._starting: Job | None = None  # the job whose prepare() runs now (in neither list)
         self._pass_tokens = 0
         self._thread = threading.Thread(target=self._run, name="asarm-engine", daemon=True)
 
@@ -119,6 +120,20 @@ class EngineLoop:
         self._thread.join(timeout)
         for job in list(self._pending) + [j for _, j, _ in self._rows.values()]:
             job.channel.emit("error", ShuttingDown("the server stopped before this request ran"))
+
+    def abort(self, exc: Exception) -> None:
+        """Answer every request in flight with ``exc`` now and take no new work: the end of the
+        shutdown grace period. Any thread may call it; the engine drops the rows at its next pass."""
+        with self._lock:
+            self._closed = True
+            jobs = list(self._pending)
+        jobs += [j for _, j, _ in list(self._rows.values())]
+        if self._starting is not None:
+            jobs.append(self._starting)
+        for job in {id(j): j for j in jobs}.values():
+            job.cancelled = True
+            job.channel.emit("error", exc)  # the request hears the first of "error" / "end" only
+        self._wake.set()
 
     @property
     def queue_depth(self) -> int:
@@ -174,6 +189,7 @@ class EngineLoop:
 
     def _start(self, job: Job) -> None:
         added = []
+        self._starting = job
         try:
             rows, info = job.prepare()
             job.channel.emit("start", info)
@@ -190,6 +206,8 @@ class EngineLoop:
                 log.exception("preparing a request failed")
             job.channel.emit("error", exc)
             return
+        finally:
+            self._starting = None
         job.remaining = len(added)
         for handle, choice in added:
             self._rows[id(handle)] = (handle, job, choice)

@@ -13,6 +13,10 @@ Holes
 - ``\[`` is a literal ``[`` (so ``\[MASK:3]`` is plain text) and ``\\`` a literal backslash;
   any other backslash is literal. Any ``[`` not followed by ``MASK:`` or ``MASK]`` is literal
   too, so code such as ``xs[0]`` needs no escaping.
+- Holes are written in capitals. ``[mask]`` (any other case) is literal text, as code such as
+  ``xs[mask]`` needs; since a person may have meant a hole, it is reported once per process
+  with a ``LiteralMaskWarning`` (the CLI prints one ``warning:`` line). ``\[mask]`` is literal
+  without the warning.
 - Prefix continuation is a hole at the end (``"Once upon a time[MASK:20]"``); a text that is
   only ``"[MASK:30]"`` asks for unconditional generation. Holes may be adjacent, at the start,
   anywhere.
@@ -37,14 +41,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, LiteralMaskWarning
 from ..tokenization import encode
 
 MAX_MARKUP_LENGTH = 1_000_000  # no model has this many positions; keeps huge numbers a clear error
 _HOLE = re.compile(r"\[MASK(?::([^\]\[\n]*))?\]")
+_OTHER_CASE_HOLE = re.compile(r"\[mask(?::[^\]\[\n]*)?\]", re.IGNORECASE)
+_warned_other_case = False  # LiteralMaskWarning is given once per process (a server would repeat it)
 _LENGTH = re.compile(r"\s*(\d+)\s*")
 _RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
 
@@ -102,6 +109,7 @@ def parse_markup(text: str) -> list[str | int | Hole]:
         raise InputError(f"text must be a string, got {type(text).__name__}")
     parts: list[str | int | Hole] = []
     literal: list[str] = []
+    other_case = None  # where a [mask] in another case than [MASK] was seen first
     i, n = 0, len(text)
     while i < n:
         ch = text[i]
@@ -123,10 +131,19 @@ def parse_markup(text: str) -> list[str | int | Hole]:
             parts.append(_hole(m, where))
             i = m.end()
             continue
+        if ch == "[" and other_case is None and text[i + 1:i + 5].lower() == "mask":
+            m = _OTHER_CASE_HOLE.match(text, i)
+            other_case = (i, m.group(0)) if m is not None else None
         literal.append(ch)
         i += 1
     if literal:
         parts.append("".join(literal))
+    global _warned_other_case
+    if other_case is not None and not _warned_other_case:
+        _warned_other_case = True
+        warnings.warn(f"{other_case[1]} at character {other_case[0]} is literal text, not a hole: holes are written "
+                      f"in capitals, [MASK] (write \\{other_case[1]} to keep it as text without this warning)",
+                      LiteralMaskWarning, stacklevel=2)
     return parts
 
 
@@ -175,6 +192,23 @@ def split_markup(tokenizer, text, return_shifted: bool = False):
     return (segments, holes, shifted) if return_shifted else (segments, holes)
 
 
+# No token of a tokenizer we ship covers more than 69 characters (a run of indentation), so a
+# text longer than this many characters per token of the model's limit cannot fit: it is refused
+# before tokenizing, which for 10 MB took 12.7 s and 2.1 GB only to say "too long".
+MAX_CHARS_PER_TOKEN = 256
+
+
+def check_text_size(text, max_length: int | None) -> None:
+    """An InputError when ``text`` (markup, or a list of parts) has so many characters that it
+    cannot fit ``max_length`` tokens whatever the tokenizer: a cheap check before encoding."""
+    if max_length is None:
+        return
+    chars = len(text) if isinstance(text, str) else sum(len(p) for p in text if isinstance(p, str))
+    if chars > MAX_CHARS_PER_TOKEN * max_length:
+        raise InputError(f"the text is {chars:,} characters long, far more than the model's maximum length of "
+                         f"{max_length} tokens can hold; shorten it")
+
+
 def find_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of every ``[[...]]`` span, in one pass (a regex that retries from every
     ``[[`` was quadratic: 50,000 unclosed ``[[`` took 70 s)."""
@@ -192,12 +226,14 @@ def find_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def parse_scored_text(tokenizer, text: str):
+def parse_scored_text(tokenizer, text: str, max_length: int | None = None):
     """Split text into tokens and a mask of the spans to score (``[[...]]``). Without any span
-    the whole text is scored (nothing visible: its unconditional chain likelihood).
+    the whole text is scored (nothing visible: its unconditional chain likelihood). A text far
+    too long for ``max_length`` tokens is refused before tokenizing (``check_text_size``).
 
     One space right before a span belongs to the span (``space_moves``), so ``the [[mat]]`` and
     ``the[[ mat]]`` both score " mat". An ``[[`` without its closing ``]]`` is an error."""
+    check_text_size(text, max_length)
     spans = find_spans(text)
     if not spans:
         ids = encode(tokenizer, text)

@@ -20,7 +20,7 @@ from ..config import DEFAULT_MASK_TOKEN_ID
 from ..errors import InputError
 from ..seeds import length_seed, resolve_seed
 from ..tokenization import special_text_ids
-from .markup import Hole, split_markup
+from .markup import Hole, check_text_size, split_markup
 
 
 @dataclasses.dataclass
@@ -59,11 +59,12 @@ def read_markup(model, text, tokenizer=None, *, max_hole=None, stop_at=None, max
     from ..lengths import DEFAULT_MAX_HOLE
 
     tokenizer = _tokenizer(model, tokenizer)
+    limit = max_length if max_length is not None else getattr(model.config, "max_length", None)
+    check_text_size(text, limit)
     segments, holes, shifted = split_markup(tokenizer, text, return_shifted=True)
     if not holes:
         raise InputError("the text has no holes: mark what to fill with [MASK] or [MASK:n], e.g. 'A [MASK:3] day'")
     _check_vocabulary(segments, model.config.vocab_size)
-    limit = max_length if max_length is not None else getattr(model.config, "max_length", None)
     candidates = _candidates(segments, holes, DEFAULT_MAX_HOLE if max_hole is None else max_hole, limit)
     stop_start = 0
     if stop_at is not None:
@@ -208,7 +209,13 @@ def _candidates(segments, holes, max_hole, limit) -> list[list[int]]:
             out.append([h])
             continue
         room = None if limit is None else limit - base + low
-        out.append([n for n in h.candidates(max_hole) if room is None or n <= room] or [low])
+        wanted = h.candidates(max_hole)
+        fitting = [n for n in wanted if room is None or n <= room] or [low]
+        if len(wanted) > 1 and len(fitting) == 1:  # the limit, not the context, would fix its length
+            raise InputError(f"a hole of unknown length has room for only {fitting[0]} token(s) within the model's "
+                             f"maximum length of {limit}: shorten the text, or give the hole its length "
+                             f"([MASK:{fitting[0]}])")
+        out.append(fitting)
     return out
 
 

@@ -9,7 +9,9 @@ unreadable. Checkpoints of older versions (``trainer_state.pt``, a pickle) are r
 
 A save writes a hidden temporary folder, fsyncs it, renames it into place, then moves the
 ``LATEST`` (and ``BEST``) pointers and deletes older folders: a crash or a full disk at any
-moment leaves the previous checkpoint complete and pointed at.
+moment leaves the previous checkpoint complete and pointed at. The folder LATEST named before
+the save is kept too, so a checkpoint damaged later (a bad sector, a stray edit) always leaves
+resume an older one to fall back to.
 """
 
 from __future__ import annotations
@@ -208,9 +210,10 @@ def _write_checkpoint_files(directory: Path, model, state: dict) -> None:
 
 def save_checkpoint(ckpt_root: Path, model, state: dict, best: bool = False) -> Path:
     """Atomically write ``step-XXXXXXX`` for ``state["step"]``, point LATEST (and BEST) at it and
-    delete every other folder. On failure the temporary folder is removed, the pointers still
-    name the previous checkpoint, and a RunFolderError says why."""
+    delete every other folder but the previous LATEST. On failure the temporary folder is
+    removed, the pointers still name the previous checkpoint, and a RunFolderError says why."""
     name = f"step-{state['step']:07d}"
+    previous = read_pointer(ckpt_root / "LATEST")
     final, tmp = ckpt_root / name, ckpt_root / f".{name}.tmp"
     with writing(f"checkpoint {final}", cleanup=tmp):
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -224,7 +227,7 @@ def save_checkpoint(ckpt_root: Path, model, state: dict, best: bool = False) -> 
         write_pointer(ckpt_root / "LATEST", name)
         if best:
             write_pointer(ckpt_root / "BEST", name)
-    keep = {read_pointer(ckpt_root / "LATEST"), read_pointer(ckpt_root / "BEST")}
+    keep = {read_pointer(ckpt_root / "LATEST"), read_pointer(ckpt_root / "BEST"), previous}
     for p in ckpt_root.iterdir():
         if p.is_dir() and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
@@ -237,13 +240,18 @@ def _read_json_state(directory: Path) -> dict:
         doc = json.loads((directory / STATE_JSON).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{STATE_JSON} is unreadable or truncated ({_reason(exc)})") from None
+    except RecursionError:  # planted or damaged: a JSON value nested thousands deep
+        raise CheckpointError(f"{STATE_JSON} is not a trainer state (JSON nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{STATE_JSON} is not an asarm trainer state ({FORMAT})")
     try:
         tensors = load_file(str(directory / STATE_TENSORS))
     except Exception as exc:  # missing, truncated or corrupt: safetensors raises several types
         raise CheckpointError(f"{STATE_TENSORS} is unreadable or truncated ({_reason(exc)})") from None
-    return decode_state(doc.get("state"), tensors)
+    try:
+        return decode_state(doc.get("state"), tensors)
+    except RecursionError:
+        raise CheckpointError(f"{STATE_JSON} is not a trainer state (nested too deeply)") from None
 
 
 def _read_legacy_state(directory: Path) -> dict:
@@ -274,9 +282,40 @@ def read_trainer_state(directory: Path) -> dict:
         state = _read_json_state(directory)
     else:
         state = _read_legacy_state(directory)
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED) or not isinstance(state["step"], int):
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"incomplete trainer state (needs {', '.join(REQUIRED)})")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"the trainer state's step must be an integer >= 0, got {step!r}")
+    check_rng_states(state.get("rng"))
     return state
+
+
+def check_rng_states(by_rank) -> None:
+    """A CheckpointError unless ``by_rank`` (the state's "rng": rank -> ``rng_states()``) holds
+    RNG states this process can restore: a bad one would otherwise fail mid-resume or, worse,
+    restore a generator that no longer repeats the run."""
+    if by_rank is None:
+        return
+    if not isinstance(by_rank, dict) or not all(isinstance(r, int) and r >= 0 for r in by_rank):
+        raise CheckpointError("bad RNG state: expected one entry per rank")
+    expected = torch.get_rng_state()
+    for rank, states in by_rank.items():
+        where = f"bad RNG state of rank {rank}"
+        if not isinstance(states, dict) or "torch" not in states:
+            raise CheckpointError(f"{where}: needs the torch generator's state")
+        t = states["torch"]
+        if not isinstance(t, torch.Tensor) or t.dtype != expected.dtype or t.shape != expected.shape:
+            raise CheckpointError(f"{where}: the torch generator state is not a {tuple(expected.shape)} uint8 tensor")
+        try:
+            if "python" in states:  # (an older asarm's trainer_state.pt may have only torch and numpy)
+                random.Random().setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+        except (TypeError, ValueError, OverflowError):
+            raise CheckpointError(f"{where}: the python generator state is not one") from None
+        cuda = states.get("cuda")
+        if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
+                isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda)):
+            raise CheckpointError(f"{where}: the CUDA generator states are not uint8 tensors")
 
 
 def load_checkpoint_weights(model, directory: Path) -> None:

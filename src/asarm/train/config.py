@@ -148,6 +148,8 @@ def _read_config_file(path: str) -> dict:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"config file {path} is not valid JSON ({exc})") from None
+    except RecursionError:  # a JSON value nested thousands deep
+        raise InputError(f"config file {path} is not a training config (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise InputError(f"config file {path}: expected a JSON object")
     return {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys

@@ -146,7 +146,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
         if cfg.threads:
+            from ..threads import mark_chosen
+
             torch.set_num_threads(int(cfg.threads))
+            mark_chosen()  # load_model (init_from) keeps the config's threads
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda":
