@@ -201,7 +201,8 @@ def config_label(method: str, draft: str | None, k: int | None, variants=()) -> 
 
 
 def speedup_configs(k: int) -> list[DecodeConfig]:
-    """Sequential, plain ASSD, each faster exact variant and their combination."""
+    """Sequential, plain ASSD, each faster exact variant and their combination; then the
+    same with block verification."""
     return [
         DecodeConfig("sequential", k=1),
         DecodeConfig("assd", "self", k),
@@ -212,4 +213,8 @@ def speedup_configs(k: int) -> list[DecodeConfig]:
         DecodeConfig("assd", "ngram", k),
         DecodeConfig("assd", "ngram", k, bonus=True),
         DecodeConfig("assd", "ngram", k, bonus=True, adaptive_k=True),
+        DecodeConfig("assd", "self", k, verification="block"),
+        DecodeConfig("assd", "self", k, one_pass=True, verification="block"),
+        DecodeConfig("assd", "self", k, one_pass=True, adaptive_k=True, verification="block"),
+        DecodeConfig("assd", "ngram", k, bonus=True, verification="block"),
     ]
