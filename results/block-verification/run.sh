@@ -12,4 +12,9 @@ for variant in "" "--one-pass" "--one-pass --adaptive-k"; do
     asarm eval wikitext $common --method assd -k 5 $variant --verification $verification
   done
 done
+for verification in token block; do
+  asarm eval wikitext $common --method assd --draft ngram -k 5 --bonus --verification $verification
+done
+# wall-clock, batch 1, paired and interleaved (the eval's times above are per row of a batch of 8, on a loaded machine):
+# python scripts/verification_timing.py --chunks 6 --repeats 1 > $OUT/timing.txt
 # sequential (quality reference; not run in the measured session for time): asarm eval wikitext $common --method sequential

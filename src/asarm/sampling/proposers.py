@@ -113,7 +113,10 @@ class OnePassDraft(SelfDraft):
     After a rejection the untested drafts stay proposals for their positions: keeping the
     proposal chain consistent measured better than fresher conditioning (scripts/one_pass_variants.py).
     Under block verification the drafts after the rejection were not untested (the verdict is a
-    maximum over the whole block), so they are drawn again from the same proposals."""
+    maximum over the whole block), so they are drawn again from the same proposals. That keeps
+    the chain exact but costs: the bonus and lookahead draws were conditioned on the old drafts,
+    so they fit the redrawn ones less well (results/block-verification: one-pass rounds keep
+    fewer tokens with block verification than token by token)."""
 
     def oracle_extras(self, view, block):
         return True, view.block_size - 1
