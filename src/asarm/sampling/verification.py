@@ -44,15 +44,18 @@ C(x^{i+1}) = C(x^i) q_{i+1}(y) + P(x^i) max(0, w_i q_{i+1}(y) - p_{i+1}(y))
            = Q(x^{i+1}) - P(x^i) min(p_{i+1}(y), w_i q_{i+1}(y)) = Q(x^{i+1}) - w_{i+1} P(x^{i+1}).
 So A + C = Q for every prefix up to γ, and position γ+1 gets q_{γ+1} whether it comes from Y
 (τ = γ) or from the continuation. Nothing here asks p_i to be close to q_i, nor the p_i to be
-conditioned on each other, so every proposer works with it unchanged.
+conditioned on each other, so every proposer's blocks can be verified this way.
 
 What may not be reused: after a block verdict the drafts past τ + 1 were looked at (τ is a
 maximum over all positions), so unlike token-wise verification they are no longer draws from
 their proposals. A proposer that carries them into the next block must draw them again
 (``OnePassDraft.carry``). The proposal distributions themselves stay valid.
 
-Block verification never keeps fewer tokens in expectation than token-wise verification with the
-same drafts (Sun et al., Theorem 2), and costs a few [B, K, V] vector operations more per pass.
+Block verification never keeps fewer drafts in expectation than token-wise verification with
+the same drafts: token by token keeps x^i with probability P(x^i) prod_l min(1, q_l/p_l), and
+w_i >= that product term by term (each suffix product of ratios is at least the product of the
+ratios capped at 1); Sun et al. show no valid verifier keeps more. It costs one [B, K-1, V]
+buffer and a few vector operations more per verify pass.
 """
 
 from __future__ import annotations
