@@ -161,7 +161,7 @@ def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, 
         q = torch.where(exact, p, q)
     n_accepted = token_accepts(p, q, u_accept, n_drafts)
     scale = torch.ones(B, dtype=torch.float64, device=p.device)  # w_τ: the residual's target scale
-    if block is not None and bool(block.any()):
+    if block is not None:  # (the engine passes None when no row asks for it: no device sync here)
         draft_next = draft_probs[:, 1:]
         target_next = _rows(target_probs, target_rows[:, 1:])
         if exact is not None and bool(exact[:, 1:].any()):  # (self-drafts: only the first draft is exact)
