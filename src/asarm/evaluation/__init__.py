@@ -65,13 +65,14 @@ def run_from_args(args, model=None) -> dict:
         raise InputError(f"--temperature must be > 0, got {args.temperature}")
     method = args.method or ("all" if args.eval_task == "wikitext" else "assd")
     if args.speedups:
-        if args.sweep_k or args.method or args.bonus or args.one_pass or args.adaptive_k:
+        if args.sweep_k or args.method or args.bonus or args.one_pass or args.adaptive_k \
+                or args.verification != "token":
             raise InputError("--speedups chooses its own configurations; drop --method, --sweep-k, --bonus, "
-                             "--one-pass and --adaptive-k")
+                             "--one-pass, --adaptive-k and --verification")
         configs = speedup_configs(args.k)
     else:
         configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k), bonus=args.bonus,
-                                 one_pass=args.one_pass, adaptive_k=args.adaptive_k)
+                                 one_pass=args.one_pass, adaptive_k=args.adaptive_k, verification=args.verification)
     shard = parse_shard(args.shard)
     if args.threads is not None:
         if args.threads < 1:
@@ -137,7 +138,7 @@ def _common_arguments(p) -> None:
                    help="run sequential + ASSD at each k (default list 1,2,3,5,8) and plot quality and "
                         "passes per token against k")
     for f in user_fields("cli"):  # the ASSD variants, as `asarm infill` offers them
-        if f.name in ("bonus", "one_pass", "adaptive_k"):
+        if f.name in ("bonus", "one_pass", "adaptive_k", "verification"):
             add_field_argument(p, f)
     p.add_argument("--speedups", action="store_true", help="run sequential, plain ASSD and each faster exact "
                    "variant (bonus, one-pass, adaptive k, combined; n-gram with bonus) side by side")

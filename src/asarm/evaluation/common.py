@@ -48,11 +48,11 @@ class Example:
 
 
 def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, bonus: bool = False,
-                   one_pass: bool = False, adaptive_k: bool = False) -> list[DecodeConfig]:
+                   one_pass: bool = False, adaptive_k: bool = False, verification: str = "token") -> list[DecodeConfig]:
     """The configurations a run decodes with. ``method`` "all": sequential + ASSD self + ASSD
     n-gram (the paper's WikiText table). ``sweep``: sequential + ASSD (``draft``) at each k.
-    bonus / one_pass / adaptive_k apply to every ASSD configuration (``DecodeConfig`` refuses
-    one_pass for a draft without a one-pass form)."""
+    bonus / one_pass / adaptive_k / verification apply to every ASSD configuration
+    (``DecodeConfig`` refuses one_pass for a draft without a one-pass form)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"-k must be an integer >= 1, got {k!r}")
     drafts = draft_names() if draft == "both" else (draft,)
@@ -67,7 +67,8 @@ def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, 
     else:
         raise InputError(f"unknown method {method!r}: use all, sequential or assd")
     return [DecodeConfig(m, d, kk, bonus=bonus and m == "assd", one_pass=one_pass and m == "assd",
-                         adaptive_k=adaptive_k and m == "assd") for m, d, kk in plan]
+                         adaptive_k=adaptive_k and m == "assd", verification=verification if m == "assd" else "token")
+            for m, d, kk in plan]
 
 
 def parse_sweep(text) -> list[int] | None:

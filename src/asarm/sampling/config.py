@@ -20,6 +20,7 @@ from collections.abc import Callable
 from ..errors import InputError
 
 METHODS = ("sequential", "assd")
+VERIFICATIONS = ("token", "block")  # sampling/verification.py; kept here too, this module imports no torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,10 @@ class DecodeConfig:
     one_pass: bool = option(False, "ASSD self-draft: the oracle pass also drafts the next block, one pass per "
                                    "round (implies the bonus)")
     adaptive_k: bool = option(False, "ASSD: grow k after accepted rounds, shrink it after rejections")
+    verification: str = option("token", "ASSD: verify drafts token by token, or as a block (Sun et al. 2025: "
+                                        "never fewer drafts kept per round; with one-pass rounds it measures "
+                                        "worse; default token)",
+                               choices=lambda: VERIFICATIONS)
     cache: bool = option(True, "full recompute every pass (reference baseline)", flag="--no-cache", server=False)
     suppress: tuple[int, ...] = option((), "token ids never drawn (e.g. <unk>), besides the mask token", user=False)
 
@@ -112,6 +117,8 @@ class DecodeConfig:
             raise InputError(f"one-pass rounds (one_pass) apply to method='assd' with a draft that has a one-pass "
                              f"form: {', '.join(n for n in draft_names() if PROPOSERS[n].lookahead)} "
                              "(n-gram rounds already take one pass)")
+        if self.verification not in VERIFICATIONS:
+            raise InputError(f"unknown verification {self.verification!r}: use one of {', '.join(VERIFICATIONS)}")
         if not all(_is_int(t) and t >= 0 for t in self.suppress):
             raise InputError(f"suppress must be token ids, got {self.suppress!r}")
         object.__setattr__(self, "suppress", tuple(sorted(set(self.suppress))))
@@ -148,7 +155,8 @@ class DecodeConfig:
 
     @property
     def variants(self) -> list[str]:
-        flags = (("bonus", self.bonus), ("one-pass", self.one_pass), ("adaptive-k", self.adaptive_k))
+        flags = (("bonus", self.bonus), ("one-pass", self.one_pass), ("adaptive-k", self.adaptive_k),
+                 ("block-verify", self.verification == "block"))
         return [name for name, on in flags if on and self.method == "assd"]
 
     @property
@@ -194,7 +202,8 @@ def config_label(method: str, draft: str | None, k: int | None, variants=()) -> 
 
 
 def speedup_configs(k: int) -> list[DecodeConfig]:
-    """Sequential, plain ASSD, each faster exact variant and their combination."""
+    """Sequential, plain ASSD, each faster exact variant and their combination; then the
+    same with block verification."""
     return [
         DecodeConfig("sequential", k=1),
         DecodeConfig("assd", "self", k),
@@ -205,4 +214,7 @@ def speedup_configs(k: int) -> list[DecodeConfig]:
         DecodeConfig("assd", "ngram", k),
         DecodeConfig("assd", "ngram", k, bonus=True),
         DecodeConfig("assd", "ngram", k, bonus=True, adaptive_k=True),
+        DecodeConfig("assd", "self", k, verification="block"),
+        DecodeConfig("assd", "self", k, one_pass=True, verification="block"),
+        DecodeConfig("assd", "ngram", k, bonus=True, verification="block"),
     ]

@@ -294,9 +294,10 @@ class Engine:
             bonus_row[b], has_bonus[b] = max(plan.bonus_row, 0), plan.bonus_row >= 0
             draft_probs[b, :n] = row.block.probs
         bonus = probs.gather(1, bonus_row.to(dev)[:, None, None].expand(B, 1, V)).squeeze(1)
+        block = [row.config.verification == "block" for row in rows]
         return verify(tokens.to(dev), draft_probs, probs, n_drafts.to(dev), u_accept.to(dev), u_next.to(dev),
                       target_rows=target_rows.to(dev), exact=exact.to(dev), bonus_probs=bonus,
-                      has_bonus=has_bonus.to(dev))
+                      has_bonus=has_bonus.to(dev), block=torch.tensor(block, device=dev) if any(block) else None)
 
     # --- membership and memory -------------------------------------------------------------------
     def _make_room(self, length: int, max_k: int) -> None:

@@ -69,6 +69,9 @@ class Drawn:
 class Proposer:
     def __init__(self, view: RowView, config: DecodeConfig):
         self.bonus = config.bonus
+        # a block verdict looks at every draft, so drafts past the first rejection are no longer
+        # draws from their proposals (sampling/verification.py): carry must draw them again
+        self.redraw_leftover = config.verification == "block"
 
     def draft_queries(self, view: RowView, block: int) -> list[tuple[int, int]]:
         """(position, rank) of each query row of the draft pass."""
@@ -108,12 +111,20 @@ class OnePassDraft(SelfDraft):
     """One-pass rounds: the oracle pass also queries the positions after the block (seeing every
     draft), and those draws are the next block, so rounds after the first need no draft pass.
     After a rejection the untested drafts stay proposals for their positions: keeping the
-    proposal chain consistent measured better than fresher conditioning (scripts/one_pass_variants.py)."""
+    proposal chain consistent measured better than fresher conditioning (scripts/one_pass_variants.py).
+    Under block verification the drafts after the rejection were not untested (the verdict is a
+    maximum over the whole block), so they are drawn again from the same proposals. That keeps
+    the chain exact but costs: the bonus and lookahead draws were conditioned on the old drafts,
+    so they fit the redrawn ones less well (results/block-verification: one-pass rounds keep
+    fewer tokens with block verification than token by token)."""
 
     def oracle_extras(self, view, block):
         return True, view.block_size - 1
 
     def carry(self, view, leftover, checked, extra):
+        if leftover is not None and self.redraw_leftover:
+            u = torch.rand(len(leftover), generator=view.generator, dtype=torch.float64)
+            leftover = Block(draw(leftover.probs, u.to(leftover.probs.device)).tolist(), leftover.probs)
         tokens = (leftover.tokens if leftover else []) + extra.tokens
         if not tokens:
             return None

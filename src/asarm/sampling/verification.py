@@ -1,15 +1,61 @@
 """The speculative verify step: pure, batched, on the model's device.
 
-For each row b with ``n_drafts[b]`` drafts d_i drawn from proposals p_i, and the target
-conditionals q_i of the same positions (each given the drafts before it):
+For each row b with ``n_drafts[b]`` = γ drafts d_1..d_γ, drawn from proposals p_i (p_i may depend
+on the drafts before it), and the target conditionals q_i of the same positions (each given the
+drafts before it), one of two verifiers decides how many drafts to keep (τ) and draws the next
+token Y. Both are exact; the block verifier never keeps fewer tokens on average.
+
+**Token by token** (Leviathan et al. 2023; Chen et al. 2023):
 
     accept d_i with probability min(1, q_i(d_i) / p_i(d_i)), left to right;
     at the first rejection j draw the replacement from normalize(max(0, q_j - p_j));
     if every draft is accepted, the next token is the bonus draw from ``bonus_probs`` (if given).
 
 Accepting with min(1, q/p) and resampling from the residual yields exactly q at each position,
-whatever p is (Leviathan et al. 2023; Chen et al. 2023), which is why every proposer and
-variant in this package draws the same joint.
+whatever p is, which is why every proposer and variant in this package draws the same joint.
+
+**Block verification** (Sun, Mendlovic, Leviathan, Aharoni, Beirami, Ro, Suresh, "Block
+Verification Accelerates Speculative Decoding", ICLR 2025) judges the block as a whole. With
+P(x^i) = prod_{l<=i} p_l(x_l) and Q(x^i) = prod_{l<=i} q_l(x_l) for a prefix x^i of the block:
+
+    weights   w_0 = 1,  w_i = min(1, w_{i-1} q_i(d_i) / p_i(d_i))          (i = 1..γ)
+    residual  rho_i = sum_x max(0, w_i q_{i+1}(x) - p_{i+1}(x))            (i = 0..γ-1)
+    keep      h_i = rho_i / (rho_i + 1 - w_i) for 1 <= i < γ,   h_γ = w_γ
+    τ = the LARGEST i in 1..γ with η_i < h_i (independent uniforms η_i), else 0;
+    keep d_1..d_τ; Y ~ normalize(max(0, w_τ q_{τ+1} - p_{τ+1})) if τ < γ,
+                   Y ~ q_{γ+1} (the bonus) if τ = γ (no Y without a bonus query).
+
+Token-wise verification is the same with w_i replaced by 1 in the residual and the first failure
+stopping the scan; block verification keeps a prefix that a later success "vouches for" even
+when one of its tokens would have been rejected on its own, and its residual is the scaled one.
+
+*Why it is exact.* Let A(x^i) = Pr(τ >= i, d^i = x^i) (the drafts' first i tokens are x^i and
+all of them are kept). Claim 1: A(x^i) = w_i(x^i) P(x^i). For i = γ it is P(x^γ) h_γ. Going
+down, with β = Pr(τ >= i+1 | d^i = x^i) = sum_x p_{i+1}(x) min(1, w_i q_{i+1}(x)/p_{i+1}(x))
+= sum_x min(p_{i+1}(x), w_i q_{i+1}(x)) (Claim 1 at i+1), and τ >= i iff τ >= i+1 or η_i < h_i:
+Pr(τ >= i | x^i) = β + (1 - β) h_i, and since w_i - β = rho_i and 1 - β = rho_i + 1 - w_i, the
+choice of h_i makes it w_i. (Where 1 - β = 0 the value of h_i does not matter; we use 1.)
+Hence Pr(τ = i, d^i = x^i) = P(x^i)(w_i - β) = P(x^i) rho_i, and the kept prefix followed by Y
+puts mass P(x^i) max(0, w_i q_{i+1}(y) - p_{i+1}(y)) on (x^i, y).
+Claim 2: with the positions after Y drawn from the target (the next rounds), the output's first
+i tokens equal x^i with probability Q(x^i). Split it as A(x^i) + C(x^i), C = the ways in which
+τ < i. Induction, C(x^0) = 0 = Q - w_0 P: if C(x^i) = Q(x^i) - w_i P(x^i), then
+C(x^{i+1}) = C(x^i) q_{i+1}(y) + P(x^i) max(0, w_i q_{i+1}(y) - p_{i+1}(y))
+           = Q(x^{i+1}) - P(x^i) min(p_{i+1}(y), w_i q_{i+1}(y)) = Q(x^{i+1}) - w_{i+1} P(x^{i+1}).
+So A + C = Q for every prefix up to γ, and position γ+1 gets q_{γ+1} whether it comes from Y
+(τ = γ) or from the continuation. Nothing here asks p_i to be close to q_i, nor the p_i to be
+conditioned on each other, so every proposer's blocks can be verified this way.
+
+What may not be reused: after a block verdict the drafts past τ + 1 were looked at (τ is a
+maximum over all positions), so unlike token-wise verification they are no longer draws from
+their proposals. A proposer that carries them into the next block must draw them again
+(``OnePassDraft.carry``). The proposal distributions themselves stay valid.
+
+Block verification never keeps fewer drafts in expectation than token-wise verification with
+the same drafts: token by token keeps x^i with probability P(x^i) prod_l min(1, q_l/p_l), and
+w_i >= that product term by term (each suffix product of ratios is at least the product of the
+ratios capped at 1); Sun et al. show no valid verifier keeps more. It costs one [B, K-1, V]
+buffer and a few vector operations more per verify pass.
 """
 
 from __future__ import annotations
@@ -35,21 +81,76 @@ def _at(probs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.
     return probs.reshape(B, R * V).gather(1, rows * V + tokens).double()
 
 
+def _rows(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """probs[b, rows[b, i]] [B, K, V] in the dtype of ``probs``: whole-row copies (index_select),
+    many times faster than a gather with an expanded index on the CPU."""
+    B, R, V = probs.shape
+    flat = (torch.arange(B, device=rows.device)[:, None] * R + rows).reshape(-1)
+    return probs.reshape(B * R, V).index_select(0, flat).view(B, rows.shape[1], V)
+
+
 def _row(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """probs[b, rows[b]] as float64 [B, V]."""
-    return probs.gather(1, rows[:, None, None].expand(-1, 1, probs.shape[-1])).squeeze(1).double()
+    return _rows(probs, rows[:, None]).squeeze(1).double()
+
+
+def token_accepts(p: torch.Tensor, q: torch.Tensor, u_accept: torch.Tensor, n_drafts: torch.Tensor) -> torch.Tensor:
+    """Token-by-token verdict: the length of the prefix of drafts whose tests u_i p_i(d_i) <= q_i(d_i)
+    all pass. p, q: [B, K] each draft's proposal and target probability."""
+    ks = torch.arange(p.shape[1], device=p.device)
+    accept = (u_accept * p <= q) | (ks[None] >= n_drafts[:, None])
+    return torch.minimum(accept.long().cumprod(-1).sum(-1), n_drafts)
+
+
+def block_weights(p: torch.Tensor, q: torch.Tensor, n_drafts: torch.Tensor) -> torch.Tensor:
+    """w_0..w_K [B, K+1]: w_i = min(1, w_{i-1} q_i(d_i)/p_i(d_i)), i.e. the smallest product of
+    ratios over the block's suffixes ending at i (the empty one gives 1). Computed as
+    exp(S_i - max_{j<=i} S_j) with S the running sum of log ratios, so a zero target
+    probability (log 0 = -inf) stays exactly 0 from there on and greedy one-hots give exact 0/1."""
+    ks = torch.arange(p.shape[1], device=p.device)
+    real = (ks[None] < n_drafts[:, None]) & (p > 0)  # p > 0 for every real draft: it was drawn from p
+    log_ratio = torch.where(real, q.log() - p.log(), torch.zeros_like(p))
+    running = torch.cat([torch.zeros_like(p[:, :1]), log_ratio.cumsum(-1)], dim=1)
+    return (running - running.cummax(-1).values).exp()
+
+
+def block_accepts(p: torch.Tensor, q: torch.Tensor, draft_next: torch.Tensor, target_next: torch.Tensor,
+                  u_accept: torch.Tensor, n_drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block verdict: (τ [B], the number of drafts kept; w_τ [B], the scale of the target in the
+    residual the next token is drawn from). p, q [B, K]: each draft's proposal and target
+    probability; ``draft_next``, ``target_next`` [B, K-1, V]: p_{i+1} and q_{i+1}, the
+    distributions at the position after each prefix i = 1..K-1 (draft index 1..K-1);
+    ``u_accept`` [B, K]: η_1..η_K. The rule and its proof: module docstring.
+
+    rho is summed in float64 from differences taken in the probabilities' own dtype (float32
+    for the model's): each term's relative error is ~1e-7, far below anything a test of the
+    distribution can see, and the [B, K, V] work stays in one float32 pass."""
+    B, K = p.shape
+    weights = block_weights(p, q, n_drafts)
+    kept = torch.arange(1, K + 1, device=p.device)  # candidate prefix lengths i = 1..K
+    w = weights[:, 1:]  # w_i
+    excess = (w[:, :-1, None].to(target_next.dtype) * target_next).sub_(draft_next)  # one [B, K-1, V] buffer
+    rho = excess.clamp_(min=0.0).sum(-1, dtype=torch.float64)
+    rho = torch.cat([rho, torch.zeros_like(w[:, :1])], dim=1)  # rho_K: only used past the block
+    denominator = rho + 1.0 - w
+    h = torch.where(denominator > 0, rho / denominator.clamp(min=1e-300), torch.ones_like(w))
+    h = torch.where(kept[None] == n_drafts[:, None], w, h)  # the whole block: h_γ = w_γ
+    h = torch.where(kept[None] > n_drafts[:, None], torch.zeros_like(h), h)  # padding is never kept
+    tau = ((u_accept < h).long() * kept[None]).amax(-1)
+    return tau, weights.gather(1, tau[:, None]).squeeze(1)
 
 
 def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, *, target_rows=None,
-           exact=None, bonus_probs=None, has_bonus=None) -> Verdict:
+           exact=None, bonus_probs=None, has_bonus=None, block=None) -> Verdict:
     """draft_tokens [B, K]; draft_probs [B, K, V]; target_probs [B, K, V], or [B, Q, V] with
     ``target_rows`` [B, K] naming the row that holds each draft's target (so a pass's query
     distributions are used in place); n_drafts [B]; u_accept [B, K], u_next [B]: uniforms in
     [0, 1). ``exact`` [B, K]: drafts drawn from their exact conditional (target = proposal; no
     target row is read for them). ``bonus_probs`` [B, V]: the next position's distribution,
-    drawn where every draft is accepted and ``has_bonus`` [B] (default all) is True. Entries
-    past ``n_drafts[b]`` are padding and are ignored. Probabilities may be float32 or float64;
-    the arithmetic is float64."""
+    drawn where every draft is accepted and ``has_bonus`` [B] (default all) is True. ``block``
+    [B] bool: rows verified as a block (default none: token by token). Entries past
+    ``n_drafts[b]`` are padding and are ignored. Probabilities may be float32 or float64; the
+    arithmetic is float64."""
     B, K = draft_tokens.shape
     ks = torch.arange(K, device=draft_tokens.device)
     if target_rows is None:
@@ -58,14 +159,22 @@ def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, 
     q = _at(target_probs, target_rows, draft_tokens)
     if exact is not None:
         q = torch.where(exact, p, q)
-    padding = ks[None] >= n_drafts[:, None]
-    accept = (u_accept * p <= q) | padding
-    n_accepted = torch.minimum(accept.long().cumprod(-1).sum(-1), n_drafts)
+    n_accepted = token_accepts(p, q, u_accept, n_drafts)
+    scale = torch.ones(B, dtype=torch.float64, device=p.device)  # w_τ: the residual's target scale
+    if block is not None:  # (the engine passes None when no row asks for it: no device sync here)
+        draft_next = draft_probs[:, 1:]
+        target_next = _rows(target_probs, target_rows[:, 1:])
+        if exact is not None and bool(exact[:, 1:].any()):  # (self-drafts: only the first draft is exact)
+            target_next = torch.where(exact[:, 1:, None], draft_next.to(target_next.dtype), target_next)
+        tau, w_tau = block_accepts(p, q, draft_next, target_next, u_accept, n_drafts)
+        n_accepted = torch.where(block, tau, n_accepted)
+        scale = torch.where(block, w_tau, scale)
     rejected = n_accepted < n_drafts
 
     j = n_accepted.clamp(max=K - 1)
     q_j = _row(target_probs, target_rows.gather(1, j[:, None]).squeeze(1))
-    fix_probs = _target.residual(q_j, _row(draft_probs, j))
+    # the residual of the scaled target w_τ q against p (w = 1 token by token); draw normalises
+    fix_probs = _target.residual(scale[:, None] * q_j, _row(draft_probs, j))
     has_next = rejected
     if bonus_probs is not None:
         bonus = bonus_probs.double()
