@@ -327,7 +327,7 @@ def test_engine_loop_admits_in_waves():
         def __init__(self):
             self.rows, self.joined = [], []
 
-        def add(self, input_ids, masked, config, *, seed, order, on_round, return_logprobs):
+        def add(self, input_ids, masked, config, *, seed, order, on_round, return_logprobs, **options):
             row = {"left": seed}
             self.rows.append(row)
             self.joined[-1] += 1
