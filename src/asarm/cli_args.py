@@ -13,13 +13,8 @@ from pathlib import Path
 
 from .config import QUANTIZATIONS
 from .errors import InputError
+from .threads import DEFAULT_THREADS, MAX_THREADS, THREADS_ENV, apply_threads, resolve_threads  # noqa: F401
 
-# Default CPU threads for commands that run a model. One thread measured best for the shipped
-# 7 M-parameter models on a 2-core machine, idle and with the other core busy: the per-pass
-# matrices are too small for a second thread to pay off, and a busy core makes torch's extra
-# threads wait on each other (results/threads-cpu/, scripts/threads_bench.py).
-DEFAULT_THREADS = 1
-THREADS_ENV = "ASARM_NUM_THREADS"
 # Where the shipped models live (checkpoint.SHIPPED_DIR, without importing torch to find it).
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 
@@ -119,41 +114,6 @@ def _number(bound) -> str:
     return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
-MAX_THREADS = 1024  # torch crashed (segfault) when asked for 100,000 threads
-
-
-def resolve_threads(requested: int | None) -> int | None:
-    """Threads to use: --threads, else $ASARM_NUM_THREADS, else None when the user set
-    OMP_NUM_THREADS (torch already follows it), else DEFAULT_THREADS."""
-    if requested is not None:
-        if not 1 <= requested <= MAX_THREADS:
-            raise InputError(f"--threads must be from 1 to {MAX_THREADS}, got {requested}")
-        return requested
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            value = 0
-        if not 1 <= value <= MAX_THREADS:
-            raise InputError(f"{THREADS_ENV} must be an integer from 1 to {MAX_THREADS}, got {env!r}")
-        return value
-    if os.environ.get("OMP_NUM_THREADS", "").strip():
-        return None
-    return DEFAULT_THREADS
-
-
-def apply_threads(requested: int | None) -> int | None:
-    """Set torch's intra-op threads (see ``resolve_threads``); returns the number set, or None."""
-    from .threads import mark_chosen
-
-    threads = resolve_threads(requested)
-    mark_chosen()  # the Python API's default (at load_model) must not override the command's choice
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    return threads
 
 
 def check_device_name(device: str) -> None:

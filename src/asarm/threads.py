@@ -14,6 +14,15 @@ from __future__ import annotations
 
 import os
 
+from .errors import InputError
+
+# Default CPU threads for commands that run a model. One thread measured best for the shipped
+# 7 M-parameter models on a 2-core machine, idle and with the other core busy: the per-pass
+# matrices are too small for a second thread to pay off, and a busy core makes torch's extra
+# threads wait on each other (results/threads-cpu/, scripts/threads_bench.py).
+DEFAULT_THREADS = 1
+THREADS_ENV = "ASARM_NUM_THREADS"
+
 _chosen = False  # threads were decided in this process (by the CLI, or by the first load_model)
 
 
@@ -52,8 +61,6 @@ def apply_library_default() -> int | None:
     _chosen = True
     import torch
 
-    from .cli_args import DEFAULT_THREADS, resolve_threads
-
     if os.environ.get("ASARM_NUM_THREADS", "").strip():
         threads = resolve_threads(None)
     elif any(os.environ.get(v, "").strip() for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
@@ -63,4 +70,39 @@ def apply_library_default() -> int | None:
     else:
         threads = DEFAULT_THREADS
     torch.set_num_threads(threads)
+    return threads
+
+
+MAX_THREADS = 1024  # torch crashed (segfault) when asked for 100,000 threads
+
+
+def resolve_threads(requested: int | None) -> int | None:
+    """Threads to use: --threads, else $ASARM_NUM_THREADS, else None when the user set
+    OMP_NUM_THREADS (torch already follows it), else DEFAULT_THREADS."""
+    if requested is not None:
+        if not 1 <= requested <= MAX_THREADS:
+            raise InputError(f"--threads must be from 1 to {MAX_THREADS}, got {requested}")
+        return requested
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= MAX_THREADS:
+            raise InputError(f"{THREADS_ENV} must be an integer from 1 to {MAX_THREADS}, got {env!r}")
+        return value
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return DEFAULT_THREADS
+
+
+def apply_threads(requested: int | None) -> int | None:
+    """Set torch's intra-op threads (see ``resolve_threads``); returns the number set, or None."""
+    threads = resolve_threads(requested)
+    mark_chosen()  # the Python API's default (at load_model) must not override the command's choice
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     return threads
