@@ -88,17 +88,52 @@ def summary_line(s: dict, output: str) -> str:
 def check_batch_options(args) -> None:
     from ..errors import InputError
 
-    if args.max_batch < 1:
-        raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.admit_wave is not None and not 1 <= args.admit_wave <= args.max_batch:
-        raise InputError(f"--admit-wave must be from 1 to --max-batch ({args.max_batch}), got {args.admit_wave}")
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers must be >= 1, got {args.workers}")
-    if (args.workers is not None or args.address is not None) and not args.ray:
-        raise InputError("--workers and --address go with --ray")
+    check_engine_options(args.max_batch, args.admit_wave, args.workers, args.ray, args.address,
+                         args.cpus_per_worker, args.gpus_per_worker)
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other")
-    if args.cpus_per_worker <= 0 or args.gpus_per_worker < 0:
+
+
+DEFAULT_MAX_BATCH = 32  # measured on ROCStories: 64 rows per pass no faster (results/batch-cpu/)
+
+
+def add_engine_arguments(p, *, max_batch_default: int | None = DEFAULT_MAX_BATCH, what: str = "") -> None:
+    """--max-batch and --admit-wave: the engine's batch (``asarm batch``; ``asarm eval``)."""
+    default = f"default {max_batch_default}" if max_batch_default else "default: one sample call per --batch-size"
+    p.add_argument("--max-batch", type=int, default=max_batch_default, help=f"most rows decoded together per "
+                   f"engine, rows joining as others finish{what} ({default})")
+    p.add_argument("--admit-wave", type=int, default=None, metavar="N", help="waiting rows join the running "
+                   "batch once N rows are free (default: --max-batch: whole waves, the best throughput measured; "
+                   "1: at once, as the server)")
+
+
+def add_ray_arguments(p, *, workers_flag: str = "--workers") -> None:
+    """The Ray options (``asarm batch --ray``; ``asarm eval --ray``, where --workers is taken)."""
+    ray = p.add_argument_group("Ray (pip install 'asarm[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run on Ray Data: an actor pool, one model and engine each")
+    ray.add_argument(workers_flag, dest="workers" if workers_flag == "--workers" else "ray_workers", type=int,
+                     default=None, help="actors (default 1 with --ray)")
+    ray.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray, or the one "
+                     "`ray job submit` runs in)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="num_cpus per actor (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="num_gpus per actor (default 0)")
+
+
+def check_engine_options(max_batch: int | None, admit_wave: int | None, workers: int | None, ray: bool,
+                         address: str | None, cpus: float, gpus: float, workers_flag: str = "--workers") -> None:
+    """One line for each option that cannot work (``InputError``)."""
+    from ..errors import InputError
+
+    if max_batch is not None and max_batch < 1:
+        raise InputError(f"--max-batch must be >= 1, got {max_batch}")
+    if admit_wave is not None and not 1 <= admit_wave <= (max_batch or DEFAULT_MAX_BATCH):
+        raise InputError(f"--admit-wave must be from 1 to --max-batch ({max_batch or DEFAULT_MAX_BATCH}), "
+                         f"got {admit_wave}")
+    if workers is not None and workers < 1:
+        raise InputError(f"{workers_flag} must be >= 1, got {workers}")
+    if (workers is not None or address is not None) and not ray:
+        raise InputError(f"{workers_flag} and --address go with --ray")
+    if cpus <= 0 or gpus < 0:
         raise InputError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
 
 
@@ -117,23 +152,14 @@ def add_cli(sub) -> None:
                    "line is a /v1/infill request named line-N")
     p.add_argument("--defaults", default=None, metavar="JSON", help="body fields for every request that does "
                    "not set them, e.g. '{\"seed\": 0, \"method\": \"assd\", \"k\": 5}'")
-    p.add_argument("--max-batch", type=int, default=32, help="most rows decoded together per engine (default 32)")
-    p.add_argument("--admit-wave", type=int, default=None, metavar="N", help="waiting requests join the running "
-                   "batch once N rows are free (default: --max-batch: whole waves, the best throughput measured; "
-                   "1: at once, as the server)")
+    add_engine_arguments(p)
     p.add_argument("--resume", action="store_true", help="OUTPUT exists: keep its lines, run only the rest")
     p.add_argument("--overwrite", action="store_true", help="OUTPUT exists: replace it")
     p.add_argument("--served-name", default=None, help="the model name bodies may give in 'model' "
                    "(default: the model's name, as asarm serve)")
     p.add_argument("--summary", default=None, metavar="FILE", help="also write the run's summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ray = p.add_argument_group("Ray (pip install 'asarm[ray]')")
-    ray.add_argument("--ray", action="store_true", help="run on Ray Data: an actor pool, one model and engine each")
-    ray.add_argument("--workers", type=int, default=None, help="actors (default 1 with --ray)")
-    ray.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray, or the one "
-                     "`ray job submit` runs in)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="num_cpus per actor (default 1)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="num_gpus per actor (default 0)")
-    ray.add_argument("--rows-per-call", type=int, default=None, help=argparse.SUPPRESS)
+    add_ray_arguments(p)
+    p.add_argument("--rows-per-call", type=int, default=None, help=argparse.SUPPRESS)
     add_model_arguments(p)
     p.set_defaults(func=cmd_batch)

@@ -7,13 +7,23 @@ and of a local ``asarm batch`` for the same bodies and seeds.
     out = rr.infill_dataset(ds, model="asarm-en-small", workers=8)  # column "output": a JSON line
     rr.write_output(out, "results.jsonl")                           # OpenAI batch output lines
 
+Token rows (an evaluation's examples, ``asarm.batch.rows``) take the same actor pool with
+``RowActor``: ``decode_rows_on_ray``.
+
+Every actor pins its torch threads (``asarm.threads``; default one) before it loads its model and
+reports when it was ready, so a run's summary gives the actors' start-up apart from decoding.
+
 ``ray`` is an optional dependency (``pip install "asarm[ray]"``); nothing here imports it at
 module level, so ``asarm batch --ray`` without it is one line, not a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import time
 
 RAY_MISSING = "--ray needs Ray Data, which is not installed: pip install 'asarm[ray]'"
 
@@ -30,7 +40,86 @@ def require_ray():
     return ray
 
 
-class EngineActor:
+@contextlib.contextmanager
+def ray_session(address: str | None, cpus: float):
+    """Ray, started here (a local instance with ``cpus`` CPUs, or joining ``address``) unless the
+    program already did; stopped at the end only if started here."""
+    ray = require_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address is None:
+            options["num_cpus"] = max(1, int(round(cpus)))
+        ray.init(address=address, **options)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class _ActorBase:
+    """What every actor does first: pin torch's threads, load its model, note when it was ready."""
+
+    def __init__(self, model, load_options: dict | None, threads: int | None):
+        import torch
+
+        from ..checkpoint import load_model
+        from ..threads import apply_threads
+
+        start = time.time()
+        apply_threads(threads)  # before the model loads: its fast pass packs for this many threads
+        self.model = model if not isinstance(model, (str, os.PathLike)) else load_model(model, **(load_options or {}))
+        self.ready, self.startup_s = time.time(), time.time() - start
+        self.threads = torch.get_num_threads()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _stamp(self, out: dict, n: int) -> dict:
+        """The actor's columns beside its outputs: who ran them, its torch threads, when it was ready."""
+        out.update(actor=[self.name] * n, torch_threads=[self.threads] * n, actor_ready=[self.ready] * n,
+                   actor_startup_s=[self.startup_s] * n)
+        return out
+
+
+class ActorStats:
+    """The driver's view of the actors from their stamps: how many ran rows, their torch threads,
+    their start-up (first actor ready minus the run's start) and the rows each ran."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.rows: dict[str, int] = {}
+        self.threads: set[int] = set()
+        self.first_ready: float | None = None
+        self.load_s: list[float] = []
+
+    def update(self, row: dict) -> None:
+        name = str(row["actor"])
+        if name not in self.rows:
+            self.load_s.append(float(row["actor_startup_s"]))
+        self.rows[name] = self.rows.get(name, 0) + 1
+        self.threads.add(int(row["torch_threads"]))
+        ready = float(row["actor_ready"])
+        self.first_ready = ready if self.first_ready is None else min(self.first_ready, ready)
+
+    def summary(self, end: float) -> dict:
+        """``startup_s``: from the run's start to the first actor ready (Ray, the actors, the model
+        loads); ``decode_s``: from then to the last output."""
+        ready = self.first_ready if self.first_ready is not None else end
+        return {"actors": len(self.rows), "rows_per_actor": sorted(self.rows.values()),
+                "torch_threads_per_actor": sorted(self.threads),
+                "actor_load_s": [round(x, 3) for x in sorted(self.load_s)],
+                "startup_s": round(max(0.0, ready - self.start), 3), "decode_s": round(max(0.0, end - ready), 3)}
+
+
+def map_with_actors(ds, actor_class, kwargs: dict, *, workers: int, batch_size: int, num_cpus: float,
+                    num_gpus: float):
+    """``ds.map_batches`` over a pool of ``workers`` actors of ``actor_class(**kwargs)``."""
+    return ds.map_batches(actor_class, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
+                          concurrency=workers, num_cpus=num_cpus, num_gpus=num_gpus or None)
+
+
+class EngineActor(_ActorBase):
     """One Ray actor: one model, one engine loop. Each call runs its rows concurrently through
     the engine (continuous batching up to ``max_batch`` rows) and returns their output lines in
     row order."""
@@ -38,17 +127,12 @@ class EngineActor:
     def __init__(self, model: str, *, load_options: dict | None = None, max_batch: int = 32,
                  served_name: str | None = None, threads: int | None = 1, text: bool = False,
                  defaults: dict | None = None, admit_wave: int | None = None):
-        import os
-
-        from ..checkpoint import load_model
-        from ..cli_args import apply_threads
         from .local import AppRunner
 
-        apply_threads(threads)
+        super().__init__(model, load_options, threads)
         self.text, self.defaults = text, defaults or {}
-        loaded = load_model(model, **(load_options or {}))
         name = served_name or os.path.basename(str(model).rstrip("/"))
-        self.runner = AppRunner(loaded, model_name=name, max_batch=max_batch, admit_wave=admit_wave)
+        self.runner = AppRunner(self.model, model_name=name, max_batch=max_batch, admit_wave=admit_wave)
 
     def __call__(self, batch: dict) -> dict:
         from .format import read_line
@@ -58,8 +142,9 @@ class EngineActor:
         linenos = [int(x) for x in batch["lineno"]] if "lineno" in batch else [0] * len(lines)
         requests = [read_line(line, n, text=self.text, defaults=self.defaults) for line, n in zip(lines, linenos)]
         out = run_lines(self.runner, requests)
-        return {"custom_id": [o["custom_id"] for o in out],
-                "output": [json.dumps(o, ensure_ascii=False, separators=(",", ":")) for o in out]}
+        return self._stamp({"custom_id": [o["custom_id"] for o in out],
+                            "output": [json.dumps(o, ensure_ascii=False, separators=(",", ":")) for o in out]},
+                           len(out))
 
     def __del__(self):
         runner = getattr(self, "runner", None)
@@ -81,13 +166,11 @@ def infill_dataset(ds, *, model: str = "asarm-en-small", workers: int = 1, max_b
     4 × ``max_batch``: the engine stays full while the next lines are planned); ``admit_wave`` as
     ``asarm batch --admit-wave``."""
     require_ray()
-    return ds.map_batches(
-        EngineActor,
-        fn_constructor_kwargs={"model": model, "load_options": load_options, "max_batch": max_batch,
-                               "served_name": served_name, "threads": threads, "text": text,
-                               "defaults": defaults, "admit_wave": admit_wave},
-        batch_size=batch_size or 4 * max_batch, batch_format="numpy", concurrency=workers,
-        num_cpus=num_cpus, num_gpus=num_gpus or None)
+    return map_with_actors(ds, EngineActor, {"model": model, "load_options": load_options, "max_batch": max_batch,
+                                             "served_name": served_name, "threads": threads, "text": text,
+                                             "defaults": defaults, "admit_wave": admit_wave},
+                           workers=workers, batch_size=batch_size or 4 * max_batch, num_cpus=num_cpus,
+                           num_gpus=num_gpus)
 
 
 def write_output(ds, path: str, *, overwrite: bool = False) -> int:
@@ -105,42 +188,84 @@ def write_output(ds, path: str, *, overwrite: bool = False) -> int:
 
 def run_on_ray(args, todo, skipped, writer) -> dict:
     """``asarm batch --ray``: the lines still to do, through ``infill_dataset`` on a local Ray or
-    the cluster at ``--address``; each output line is written (durably) as it comes back."""
-    import time
-
+    the cluster at ``--address``; each output line is written (durably) as it comes back. The
+    summary's rates count from the run's start (Ray, actors and model loads included); ``actors``
+    gives the start-up and the decoding time apart."""
     from ..checkpoint import DEFAULT_MODEL
-    from ..cli_args import resolve_threads
+    from ..threads import resolve_threads
     from .format import parse_defaults
     from .local import Progress
 
-    ray = require_ray()
     progress = Progress(len(todo), skipped, enabled=not args.no_progress)
     if not todo:
         return progress.close()
     workers = args.workers or 1
-    started_here = not ray.is_initialized()
-    if started_here:
-        options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if args.address is None:
-            options["num_cpus"] = max(1, int(round(workers * args.cpus_per_worker)))
-        ray.init(address=args.address, **options)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+    with ray_session(args.address, workers * args.cpus_per_worker) as ray:
         ds = ray.data.from_items([{"text": r.line, "lineno": r.lineno} for r in todo])
-        load_options = {"revision": args.revision, "device": args.device, "dtype": args.dtype,
-                        "quantize": args.quantize, "fast_path": False if args.no_fast_path else None}
         out = infill_dataset(ds, model=args.model or DEFAULT_MODEL, workers=workers, max_batch=args.max_batch,
                              batch_size=args.rows_per_call, num_cpus=args.cpus_per_worker,
                              num_gpus=args.gpus_per_worker, threads=resolve_threads(args.threads) or 1,
                              served_name=args.served_name, text=args.text, defaults=parse_defaults(args.defaults),
-                             load_options=load_options, admit_wave=args.admit_wave)
+                             load_options=cli_load_options(args), admit_wave=args.admit_wave)
         progress.start = time.perf_counter()
+        actors = ActorStats(time.time())
         for row in out.iter_rows():
             line = json.loads(row["output"])
             writer.write(line)
             progress.update(line)
-    finally:
-        if started_here:
-            ray.shutdown()
-    return progress.close()
+            actors.update(row)
+    summary = progress.close()
+    summary["actors"] = actors.summary(time.time())
+    return summary
+
+
+def cli_load_options(args) -> dict:
+    """``asarm.load_model``'s options from a command line's model arguments (each actor loads its own)."""
+    return {"revision": args.revision, "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+            "fast_path": False if args.no_fast_path else None}
+
+
+# --- token rows (asarm.batch.rows) ----------------------------------------------------------------
+class RowActor(_ActorBase):
+    """One Ray actor: one model, one engine; each call decodes its ``RowTask``s (column ``task``,
+    JSON) with ``asarm.batch.rows.decode_rows`` and returns their ``RowResult``s (column ``result``)."""
+
+    def __init__(self, model, *, load_options: dict | None = None, max_batch: int = 32,
+                 threads: int | None = 1, admit_wave: int | None = None):
+        super().__init__(model, load_options, threads)
+        self.max_batch, self.admit_wave = max_batch, admit_wave
+
+    def __call__(self, batch: dict) -> dict:
+        from .rows import RowTask, decode_rows
+
+        tasks = [RowTask.from_json(json.loads(str(x))) for x in batch["task"]]
+        results = decode_rows(self.model, tasks, max_batch=self.max_batch, admit_wave=self.admit_wave)
+        return self._stamp({"result": [json.dumps(r.to_json()) for r in results]}, len(results))
+
+
+def decode_rows_on_ray(tasks, *, model, load_options: dict | None = None, workers: int = 1, max_batch: int = 32,
+                       admit_wave: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                       threads: int | None = 1, rows_per_call: int | None = None, address: str | None = None,
+                       stats: dict | None = None):
+    """Yield a ``RowResult`` for every ``RowTask`` (in the order they come back) from ``workers``
+    Ray actors, each holding ``model`` (a shipped name or a path every node reads, loaded with
+    ``load_options``) and one engine of ``max_batch`` rows. Rows go out most hidden tokens first,
+    ``rows_per_call`` (default 4 × ``max_batch``) per actor call. ``stats``, if given, gets the
+    actors' summary (``ActorStats``) at the end."""
+    from .rows import RowResult, by_hidden_count
+
+    tasks = by_hidden_count(tasks)
+    if not tasks:
+        return
+    with ray_session(address, workers * num_cpus) as ray:
+        ds = ray.data.from_items([{"task": json.dumps(t.to_json())} for t in tasks])
+        out = map_with_actors(ds, RowActor, {"model": model, "load_options": load_options, "max_batch": max_batch,
+                                             "threads": threads, "admit_wave": admit_wave},
+                              workers=workers, batch_size=rows_per_call or 4 * max_batch, num_cpus=num_cpus,
+                              num_gpus=num_gpus)
+        actors = ActorStats(time.time())
+        for row in out.iter_rows():
+            actors.update(row)
+            yield RowResult.from_json(json.loads(row["result"]))
+        if stats is not None:
+            stats.update(actors.summary(time.time()))

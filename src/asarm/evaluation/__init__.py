@@ -74,10 +74,13 @@ def run_from_args(args, model=None) -> dict:
         configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k), bonus=args.bonus,
                                  one_pass=args.one_pass, adaptive_k=args.adaptive_k, verification=args.verification)
     shard = parse_shard(args.shard)
+    rows = row_runner(args)
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if rows is not None and model is not None and args.model is None:
+        rows.model_ref = None  # the caller's model object: the actors get a copy of it, not --model's default
     if model is None:
         from ..cli_args import load_cli_model
 
@@ -88,6 +91,8 @@ def run_from_args(args, model=None) -> dict:
     task = _task_module(args.eval_task).build_task(model, args)
     out = Path(args.output) if args.output else default_output(args)
     if getattr(args, "hole_length", "oracle") != "oracle":  # holes of unknown length: evaluation/hole_length.py
+        if rows is not None:
+            raise InputError("--max-batch and --ray decode with the true hole lengths; drop them for --hole-length")
         from .hole_length import run
         from .hole_length_report import write_report
 
@@ -100,11 +105,36 @@ def run_from_args(args, model=None) -> dict:
     summary = run_task(task, model, configs=configs, out_dir=out, batch_size=args.batch_size, seed=args.seed,
                        shard=shard, limit=args.limit, temperature=args.temperature, overwrite=args.overwrite,
                        progress=not args.no_progress, model_name=args.model or "asarm-en-small",
-                       revision=args.revision)
+                       revision=args.revision, rows=rows)
     suffix = "" if shard[1] == 1 else f".shard-{shard[0]}-of-{shard[1]}"
     print((out / f"summary{suffix}.md").read_text())
     print(f"results in {out}/", file=sys.stderr)
     return summary
+
+
+def row_runner(args):
+    """The batch path the options ask for (``asarm.batch.rows.RowRunner``), or None: one
+    ``sample`` call per batch, the sequential harness."""
+    from ..batch import DEFAULT_MAX_BATCH, check_engine_options
+    from ..checkpoint import DEFAULT_MODEL
+
+    check_engine_options(args.max_batch, args.admit_wave, args.ray_workers, args.ray, args.address,
+                         args.cpus_per_worker, args.gpus_per_worker, workers_flag="--ray-workers")
+    if args.max_batch is None and args.admit_wave is None and not args.ray:
+        return None
+    from ..batch.rows import RowRunner
+    from ..threads import resolve_threads
+
+    runner = RowRunner(max_batch=args.max_batch or DEFAULT_MAX_BATCH, admit_wave=args.admit_wave, ray=args.ray)
+    if args.ray:
+        from ..batch.ray_runner import cli_load_options, require_ray
+
+        require_ray()  # one line before anything loads
+        runner.workers, runner.address = args.ray_workers or 1, args.address
+        runner.num_cpus, runner.num_gpus = args.cpus_per_worker, args.gpus_per_worker
+        runner.threads = resolve_threads(args.threads) or 1
+        runner.model_ref, runner.load_options = args.model or DEFAULT_MODEL, cli_load_options(args)
+    return runner
 
 
 def cmd_eval(args) -> int:
@@ -143,7 +173,13 @@ def _common_arguments(p) -> None:
     p.add_argument("--speedups", action="store_true", help="run sequential, plain ASSD and each faster exact "
                    "variant (bonus, one-pass, adaptive k, combined; n-gram with bonus) side by side")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=1, help="rows sampled together (default 1: per-example timings)")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per batch: a batch's rows share its seed and, "
+                   "without --max-batch / --ray, one sample call (default 1: per-example timings)")
+    from ..batch import add_engine_arguments, add_ray_arguments
+
+    add_engine_arguments(p, max_batch_default=None, what=" (the batch path, as `asarm batch`: the same records "
+                         "as without it)")
+    add_ray_arguments(p, workers_flag="--ray-workers")
     p.add_argument("--shard", default=None, metavar="I/N", help="run shard I of N (0-based; default: torchrun's "
                    "RANK/WORLD_SIZE if set); combine the shards with `asarm eval merge DIR`")
     p.add_argument("--output", default=None, help="output folder (default eval-results/<task>-<model>)")

@@ -62,6 +62,13 @@ def _config_order(name: str):
         return (2, 0, name, 0, 0, "")
 
 
+ELAPSED_NOTE = {
+    "sample": "elapsed_s: wall-clock of the batch's sampling call divided by its rows (evaluation and scoring excluded)",
+    "batch path": "elapsed_s: a row's wall-clock in the batch path's engine, from joining to its last pass, "
+                  "sharing every pass with up to max_batch rows: a latency, not a cost per example",
+}
+
+
 def summarize(meta: dict, records: list[dict]) -> dict:
     task = meta["task"]
     by_config: dict[str, list[dict]] = {}
@@ -120,7 +127,7 @@ def summarize(meta: dict, records: list[dict]) -> dict:
         "paper_note": PAPER_NOTES.get(task),
         "notes": [
             "mean +- half-width of the 95% confidence interval over examples (Student t; Wilson for pass@1)",
-            "elapsed_s: wall-clock of the batch's sampling call divided by its rows (evaluation and scoring excluded)",
+            ELAPSED_NOTE["batch path" if (meta.get("runtime") or {}).get("decoding") else "sample"],
             "nfe counts every network pass, draft passes included; draft_calls counts self-draft passes or n-gram proposals",
         ],
     }
