@@ -314,3 +314,55 @@ def test_hole_length_shards_side_by_side_equal_one_run(model, tmp_path):
     assert sharded["modes"] == whole["modes"] and sharded["examples"] == 3
     run_from_args(parse(*args, "--output", str(tmp_path / "shards")), model=model)  # unsharded rerun: nothing left
     assert not (tmp_path / "shards" / "records.jsonl").exists() or not read_records([tmp_path / "shards" / "records.jsonl"])
+
+# --- the batch path (asarm.batch.rows): one engine with continuous batching, or Ray actors ------------
+def test_batch_path_records_equal_the_sequential_harness(model, tmp_path):
+    """--max-batch runs every example as its batch's row on one engine, most hidden tokens first,
+    rows joining in waves: the records (outputs, counts, metrics) are the sequential harness's."""
+    common = ("rocstories", "--limit", "7", "--batch-size", "2", "--method", "all")
+    run_from_args(parse(*common, "--output", str(tmp_path / "seq")), model=model)
+    run_from_args(parse(*common, "--output", str(tmp_path / "eng"), "--max-batch", "3"), model=model)
+    seq, eng = records_without_timing(tmp_path / "seq" / "records.jsonl"), \
+        records_without_timing(tmp_path / "eng" / "records.jsonl")
+    assert len(seq) == 21 and {r["config"] for r in seq} == {"sequential", "assd-self-k5", "assd-ngram-k5"}
+    assert eng == seq
+    meta = json.loads((tmp_path / "eng" / "meta.json").read_text())
+    assert meta["runtime"]["decoding"] == {"path": "engine", "max_batch": 3, "admit_wave": None}
+    # resumable as the sequential harness: a rerun with more examples runs only the new ones
+    run_from_args(parse(*common[:2], "9", *common[3:], "--output", str(tmp_path / "eng"), "--max-batch", "3"),
+                  model=model)
+    assert len(records_without_timing(tmp_path / "eng" / "records.jsonl")) == 27
+
+
+def test_batch_path_on_ray_equals_the_sequential_harness(model, tmp_path):
+    pytest.importorskip("ray.data")
+    common = ("rocstories", "--limit", "5", "--batch-size", "2")
+    run_from_args(parse(*common, "--output", str(tmp_path / "seq")), model=model)
+    run_from_args(parse(*common, "--output", str(tmp_path / "ray"), "--ray", "--ray-workers", "2",
+                        "--max-batch", "2"), model=model)
+    assert records_without_timing(tmp_path / "ray" / "records.jsonl") == \
+        records_without_timing(tmp_path / "seq" / "records.jsonl")
+
+
+def test_row_actors_pin_one_torch_thread_and_report_their_start_up(model):
+    pytest.importorskip("ray.data")
+    from asarm.batch.ray_runner import decode_rows_on_ray
+    from asarm.batch.rows import RowTask, decode_rows
+    from asarm.sampling.config import DecodeConfig
+
+    ids = list(range(5, 25))
+    tasks = [RowTask(f"r{i}", ids, [j % 3 == i % 3 for j in range(20)], DecodeConfig(k=3), seed=i) for i in range(6)]
+    stats = {}
+    on_ray = {r.key: r for r in decode_rows_on_ray(tasks, model=model, workers=2, max_batch=2, rows_per_call=2,
+                                                   stats=stats)}
+    assert {k: r.output_ids for k, r in on_ray.items()} == {r.key: r.output_ids for r in decode_rows(model, tasks)}
+    assert stats["torch_threads_per_actor"] == [1] and sum(stats["rows_per_actor"]) == 6
+    assert stats["startup_s"] >= 0 and stats["decode_s"] >= 0 and stats["actor_load_s"]
+
+
+def test_batch_path_options_are_checked(model, tmp_path):
+    for argv, message in [(("--max-batch", "0"), "--max-batch"), (("--ray-workers", "2"), "--ray-workers"),
+                          (("--max-batch", "4", "--admit-wave", "5"), "--admit-wave"),
+                          (("--max-batch", "2", "--hole-length", "fixed"), "--hole-length")]:
+        with pytest.raises(InputError, match=message):
+            run_from_args(parse("rocstories", "--limit", "1", "--output", str(tmp_path / "x"), *argv), model=model)
