@@ -6,9 +6,12 @@ length given, ASSD k = 5, seed = story index) through
   batch          `asarm batch` (continuous batching, --max-batch);
   ray-1, ray-2   `asarm batch --ray --workers 1 / 2` (a local Ray; one torch thread per actor).
 
-Every run writes its output under OUT; the table and JSON go to OUT/README.md and OUT/batch.json.
-The figures are requests/s over decoding (model loading excluded for the local runs; for Ray the
-whole run from the first request sent, actor start and model load included, and also without).
+Every process and actor runs one torch thread. Every run writes its output under OUT; the figures
+go to OUT/batch.json, OUT/batch.png and the table between the markers in OUT/README.md. Requests/s
+count decoding: model loading is excluded for the local runs; for Ray the actors' start-up (Ray,
+the actor processes, their model loads: from the run's start to the first actor ready) is reported
+apart, and the rate is given over the decoding after it and over the whole run. About 5 minutes
+for 1,000 stories on an idle 2-core machine (one at a time is most of it).
 
     python scripts/batch_bench.py --stories 1000 --out results/batch-cpu
 """
@@ -81,6 +84,15 @@ def cli(requests_path: Path, out: Path, *extra: str) -> dict:
     return result
 
 
+def decode_rates(run: dict) -> dict:
+    """A Ray run's rates over decoding alone (after the first actor was ready)."""
+    actors = run.get("actors") or {}
+    if actors.get("decode_s"):
+        run["decode_requests_per_s"] = round(run["requests"] / actors["decode_s"], 3)
+        run["decode_tokens_per_s"] = round(run["tokens"] / actors["decode_s"], 2)
+    return run
+
+
 def texts(path: Path) -> dict:
     out = {}
     for line in open(path):
@@ -111,8 +123,8 @@ def main() -> None:
         print("batch", runs["batch"], flush=True)
     for workers in (1, 2):
         if f"ray{workers}" not in skip:
-            runs[f"ray-{workers}"] = cli(requests, out / f"ray-{workers}.jsonl", "--ray", "--workers", str(workers),
-                                         "--max-batch", str(args.max_batch))
+            runs[f"ray-{workers}"] = decode_rates(cli(requests, out / f"ray-{workers}.jsonl", "--ray", "--workers",
+                                                      str(workers), "--max-batch", str(args.max_batch)))
             print(f"ray-{workers}", runs[f"ray-{workers}"], flush=True)
     load["after"] = os.getloadavg()
     reference = texts(out / "batch.jsonl") if (out / "batch.jsonl").exists() else None
@@ -121,7 +133,68 @@ def main() -> None:
               "load_average": load, "runs": runs, "same_texts_as_batch": same,
               "command": "python scripts/batch_bench.py " + " ".join(sys.argv[1:])}
     (out / "batch.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    table = markdown_table(record)
+    write_table(out / "README.md", table)
+    plot(record, out / "batch.png")
+    print(table)
+
+
+RUNS = {"one-at-a-time": "one at a time (same path, one in flight)", "batch": "`asarm batch --max-batch {mb}`",
+        "ray-1": "`--ray --workers 1`", "ray-2": "`--ray --workers 2`"}
+TABLE_START, TABLE_END = "<!-- batch_bench table -->", "<!-- /batch_bench table -->"
+
+
+def rate(run: dict) -> float:
+    """Requests/s over decoding: the local runs' own figure, Ray's after its start-up."""
+    return run.get("decode_requests_per_s") or run["requests_per_s"]
+
+
+def markdown_table(record: dict) -> str:
+    runs = record["runs"]
+    one = runs.get("one-at-a-time")
+    lines = [TABLE_START, "",
+             f"{record['stories']} ROCStories infills, `--max-batch {record['max_batch']}`, one torch thread per "
+             f"process / actor, load average {record['load_average']['before'][0]:.1f} before and "
+             f"{record['load_average']['after'][0]:.1f} after (`{record['command']}`):", "",
+             "| run | requests/s (decoding) | tokens/s | Ray start-up s | requests/s incl. start-up | vs one at a time "
+             "| same texts as batch |", "|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        actors = run.get("actors") or {}
+        ratio = f"{rate(run) / rate(one):.2f}×" if one else "–"
+        if name == "ray-2" and "ray-1" in runs:
+            ratio += f" ({rate(run) / rate(runs['ray-1']):.2f}× one actor)"
+        lines.append(f"| {RUNS[name].format(mb=record['max_batch'])} | {rate(run):.2f} "
+                     f"| {run.get('decode_tokens_per_s') or run['tokens_per_s']:.1f} "
+                     f"| {actors.get('startup_s', '–')} | {run['requests_per_s']:.2f} | {ratio} "
+                     f"| {record['same_texts_as_batch'].get(name, '–')} |")
+    return "\n".join(lines + ["", TABLE_END])
+
+
+def write_table(readme: Path, table: str) -> None:
+    """Put the table between its markers in README.md (appended the first time)."""
+    text = readme.read_text() if readme.exists() else "# `asarm batch` throughput\n"
+    if TABLE_START in text and TABLE_END in text:
+        head, rest = text.split(TABLE_START, 1)
+        text = head + table + rest.split(TABLE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + table + "\n"
+    readme.write_text(text)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(record["runs"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, [rate(record["runs"][n]) for n in names], color="#4c72b0")
+    ax.set_ylabel("requests/s (decoding)")
+    ax.set_title(f"{record['stories']} ROCStories infills, 1 torch thread per worker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -353,7 +353,7 @@ def test_row_actors_pin_one_torch_thread_and_report_their_start_up(model):
     ids = list(range(5, 25))
     tasks = [RowTask(f"r{i}", ids, [j % 3 == i % 3 for j in range(20)], DecodeConfig(k=3), seed=i) for i in range(6)]
     stats = {}
-    on_ray = {r.key: r for r in decode_rows_on_ray(tasks, model=model, workers=2, max_batch=2, rows_per_call=2,
+    on_ray = {r.key: r for r in decode_rows_on_ray(tasks, model=model, workers=2, max_batch=2, per_call=2,
                                                    stats=stats)}
     assert {k: r.output_ids for k, r in on_ray.items()} == {r.key: r.output_ids for r in decode_rows(model, tasks)}
     assert stats["torch_threads_per_actor"] == [1] and sum(stats["rows_per_actor"]) == 6

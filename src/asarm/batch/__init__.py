@@ -34,7 +34,9 @@ def cmd_batch(args) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         raise InputError("the output must not be the input file")
     with OutputWriter(args.output, resume=args.resume, overwrite=args.overwrite) as writer:
-        todo = [r for r in requests if r.custom_id not in writer.done]
+        from .local import by_generation
+
+        todo = by_generation([r for r in requests if r.custom_id not in writer.done])
         skipped = len(requests) - len(todo)
         if args.ray:
             from .ray_runner import run_on_ray

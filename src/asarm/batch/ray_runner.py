@@ -112,6 +112,12 @@ class ActorStats:
                 "startup_s": round(max(0.0, ready - self.start), 3), "decode_s": round(max(0.0, end - ready), 3)}
 
 
+def rows_per_call(rows: int, workers: int, max_batch: int) -> int:
+    """Rows handed to an actor per call: 4 × ``max_batch`` (whole waves while the next lines are
+    planned), but never so many that a small run leaves an actor without work."""
+    return max(1, min(4 * max_batch, -(-rows // workers)))
+
+
 def map_with_actors(ds, actor_class, kwargs: dict, *, workers: int, batch_size: int, num_cpus: float,
                     num_gpus: float):
     """``ds.map_batches`` over a pool of ``workers`` actors of ``actor_class(**kwargs)``."""
@@ -203,7 +209,8 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
     with ray_session(args.address, workers * args.cpus_per_worker) as ray:
         ds = ray.data.from_items([{"text": r.line, "lineno": r.lineno} for r in todo])
         out = infill_dataset(ds, model=args.model or DEFAULT_MODEL, workers=workers, max_batch=args.max_batch,
-                             batch_size=args.rows_per_call, num_cpus=args.cpus_per_worker,
+                             batch_size=args.rows_per_call or rows_per_call(len(todo), workers, args.max_batch),
+                             num_cpus=args.cpus_per_worker,
                              num_gpus=args.gpus_per_worker, threads=resolve_threads(args.threads) or 1,
                              served_name=args.served_name, text=args.text, defaults=parse_defaults(args.defaults),
                              load_options=cli_load_options(args), admit_wave=args.admit_wave)
@@ -245,12 +252,12 @@ class RowActor(_ActorBase):
 
 def decode_rows_on_ray(tasks, *, model, load_options: dict | None = None, workers: int = 1, max_batch: int = 32,
                        admit_wave: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                       threads: int | None = 1, rows_per_call: int | None = None, address: str | None = None,
+                       threads: int | None = 1, per_call: int | None = None, address: str | None = None,
                        stats: dict | None = None):
     """Yield a ``RowResult`` for every ``RowTask`` (in the order they come back) from ``workers``
     Ray actors, each holding ``model`` (a shipped name or a path every node reads, loaded with
     ``load_options``) and one engine of ``max_batch`` rows. Rows go out most hidden tokens first,
-    ``rows_per_call`` (default 4 × ``max_batch``) per actor call. ``stats``, if given, gets the
+    ``per_call`` per actor call (default ``rows_per_call``). ``stats``, if given, gets the
     actors' summary (``ActorStats``) at the end."""
     from .rows import RowResult, by_hidden_count
 
@@ -261,7 +268,8 @@ def decode_rows_on_ray(tasks, *, model, load_options: dict | None = None, worker
         ds = ray.data.from_items([{"task": json.dumps(t.to_json())} for t in tasks])
         out = map_with_actors(ds, RowActor, {"model": model, "load_options": load_options, "max_batch": max_batch,
                                              "threads": threads, "admit_wave": admit_wave},
-                              workers=workers, batch_size=rows_per_call or 4 * max_batch, num_cpus=num_cpus,
+                              workers=workers, batch_size=per_call or rows_per_call(len(tasks), workers, max_batch),
+                              num_cpus=num_cpus,
                               num_gpus=num_gpus)
         actors = ActorStats(time.time())
         for row in out.iter_rows():
