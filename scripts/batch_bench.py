@@ -93,6 +93,15 @@ def decode_rates(run: dict) -> dict:
     return run
 
 
+def compress(path: Path) -> None:
+    import gzip
+    import shutil
+
+    with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    path.unlink()
+
+
 def texts(path: Path) -> dict:
     out = {}
     for line in open(path):
@@ -133,6 +142,8 @@ def main() -> None:
               "load_average": load, "runs": runs, "same_texts_as_batch": same,
               "command": "python scripts/batch_bench.py " + " ".join(sys.argv[1:])}
     (out / "batch.json").write_text(json.dumps(record, indent=2) + "\n")
+    for name in runs:  # the outputs stay, compressed (texts compared above)
+        compress(out / f"{name}.jsonl")
     table = markdown_table(record)
     write_table(out / "README.md", table)
     plot(record, out / "batch.png")

@@ -269,9 +269,14 @@ def test_ray_local_run_gives_the_local_outputs(tmp_path):
     lines = seeded_requests(6)
     code, local = run_batch(tmp_path, lines, "--max-batch", "1")
     assert code == 0
-    code, on_ray = run_batch(tmp_path, lines, "--ray", "--workers", "2", "--max-batch", "1", out="ray.jsonl")
+    summary = tmp_path / "summary.json"
+    code, on_ray = run_batch(tmp_path, lines, "--ray", "--workers", "2", "--max-batch", "1", "--summary",
+                             str(summary), out="ray.jsonl")
     assert code == 0
     same_answers(read_output(on_ray), read_output(local))
+    actors = json.loads(summary.read_text())["actors"]  # every actor pinned to one torch thread
+    assert actors["torch_threads_per_actor"] == [1] and sum(actors["rows_per_actor"]) == 6
+    assert 1 <= actors["actors"] <= 2 and actors["startup_s"] > 0 and len(actors["actor_load_s"]) == actors["actors"]
 
 
 def test_rows_joining_a_running_engine_fit_the_cache_and_keep_their_outputs():
@@ -305,6 +310,21 @@ def test_rows_joining_a_running_engine_fit_the_cache_and_keep_their_outputs():
         engine.step()
     assert [h.result().input_ids.tolist() for h in handles] == [alone(p) for p in plans]
     assert torch.is_tensor(handles[0].result().input_ids)
+
+
+def test_requests_with_the_most_tokens_to_generate_are_admitted_first():
+    from asarm.batch.format import parse_request_line
+    from asarm.batch.local import by_generation, generation_hint
+
+    lines = [request("short", "/v1/infill", {"text": "A [MASK:2] b [MASK]."}),
+             request("range", "/v1/infill", {"text": "A [MASK:4-8] b.", "n": 2}),
+             request("completion", "/v1/completions", {"prompt": "A", "hole_length": 9}),
+             request("default", "/v1/completions", {"prompt": "A"}),
+             request("score", "/v1/score", {"text": "A [[b]]."}),
+             request("bad", "/v1/infill", {"text": 3})]
+    reqs = [parse_request_line(line, i + 1) for i, line in enumerate(lines)]
+    assert [generation_hint(r) for r in reqs] == [2, 12, 9, 16, 0, 0]
+    assert [r.custom_id for r in by_generation(reqs)] == ["default", "range", "completion", "short", "score", "bad"]
 
 
 def test_a_json_string_may_hold_a_line_separator(tmp_path):
