@@ -118,11 +118,30 @@ def rows_per_call(rows: int, workers: int, max_batch: int) -> int:
     return max(1, min(4 * max_batch, -(-rows // workers)))
 
 
+def dataset_of(ray, items: list[dict], per_call: int):
+    """A Dataset of ``items`` in blocks of ``per_call`` rows: each block is one actor call, so
+    the pool's actors take blocks as they free up (one block of everything would keep every row
+    on the first actor ready)."""
+    import inspect
+
+    blocks = max(1, -(-len(items) // per_call))
+    # a repartition step would need CPUs of its own, which the actors hold: ask from_items instead
+    # (override_num_blocks since Ray 2.10, parallelism before)
+    key = "override_num_blocks" if "override_num_blocks" in inspect.signature(ray.data.from_items).parameters \
+        else "parallelism"
+    return ray.data.from_items(items, **{key: blocks})
+
+
 def map_with_actors(ds, actor_class, kwargs: dict, *, workers: int, batch_size: int, num_cpus: float,
                     num_gpus: float):
-    """``ds.map_batches`` over a pool of ``workers`` actors of ``actor_class(**kwargs)``."""
+    """``ds.map_batches`` over a pool of ``workers`` actors of ``actor_class(**kwargs)``. Each
+    actor holds one call at a time, so blocks go to whichever actor frees up first (Ray's default
+    queues several per actor, and the first actor ready could take them all)."""
+    import ray.data
+
+    pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
     return ds.map_batches(actor_class, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
-                          concurrency=workers, num_cpus=num_cpus, num_gpus=num_gpus or None)
+                          compute=pool, num_cpus=num_cpus, num_gpus=num_gpus or None)
 
 
 class EngineActor(_ActorBase):
@@ -207,10 +226,10 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
         return progress.close()
     workers = args.workers or 1
     with ray_session(args.address, workers * args.cpus_per_worker) as ray:
-        ds = ray.data.from_items([{"text": r.line, "lineno": r.lineno} for r in todo])
+        per_call = args.rows_per_call or rows_per_call(len(todo), workers, args.max_batch)
+        ds = dataset_of(ray, [{"text": r.line, "lineno": r.lineno} for r in todo], per_call)
         out = infill_dataset(ds, model=args.model or DEFAULT_MODEL, workers=workers, max_batch=args.max_batch,
-                             batch_size=args.rows_per_call or rows_per_call(len(todo), workers, args.max_batch),
-                             num_cpus=args.cpus_per_worker,
+                             batch_size=per_call, num_cpus=args.cpus_per_worker,
                              num_gpus=args.gpus_per_worker, threads=resolve_threads(args.threads) or 1,
                              served_name=args.served_name, text=args.text, defaults=parse_defaults(args.defaults),
                              load_options=cli_load_options(args), admit_wave=args.admit_wave)
@@ -265,11 +284,11 @@ def decode_rows_on_ray(tasks, *, model, load_options: dict | None = None, worker
     if not tasks:
         return
     with ray_session(address, workers * num_cpus) as ray:
-        ds = ray.data.from_items([{"task": json.dumps(t.to_json())} for t in tasks])
+        per_call = per_call or rows_per_call(len(tasks), workers, max_batch)
+        ds = dataset_of(ray, [{"task": json.dumps(t.to_json())} for t in tasks], per_call)
         out = map_with_actors(ds, RowActor, {"model": model, "load_options": load_options, "max_batch": max_batch,
                                              "threads": threads, "admit_wave": admit_wave},
-                              workers=workers, batch_size=per_call or rows_per_call(len(tasks), workers, max_batch),
-                              num_cpus=num_cpus,
+                              workers=workers, batch_size=per_call, num_cpus=num_cpus,
                               num_gpus=num_gpus)
         actors = ActorStats(time.time())
         for row in out.iter_rows():
