@@ -103,8 +103,10 @@ class ActorStats:
         self.first_ready = ready if self.first_ready is None else min(self.first_ready, ready)
 
     def summary(self, end: float) -> dict:
-        """``startup_s``: from the run's start to the first actor ready (Ray, the actors, the model
-        loads); ``decode_s``: from then to the last output."""
+        """``startup_s``: from the run's start to the first actor ready (Ray's start when the run
+        starts it, the actor processes, the model loads); ``decode_s``: from then to the last
+        output. Times are wall clocks of the driver and the actors' nodes (one machine here; on a
+        cluster, as good as the nodes' clock sync)."""
         ready = self.first_ready if self.first_ready is not None else end
         return {"actors": len(self.rows), "rows_per_actor": sorted(self.rows.values()),
                 "torch_threads_per_actor": sorted(self.threads),
@@ -214,8 +216,8 @@ def write_output(ds, path: str, *, overwrite: bool = False) -> int:
 def run_on_ray(args, todo, skipped, writer) -> dict:
     """``asarm batch --ray``: the lines still to do, through ``infill_dataset`` on a local Ray or
     the cluster at ``--address``; each output line is written (durably) as it comes back. The
-    summary's rates count from the run's start (Ray, actors and model loads included); ``actors``
-    gives the start-up and the decoding time apart."""
+    summary's rates count from the run's start (Ray's start, the actors and their model loads
+    included); ``actors`` gives the start-up and the decoding time apart."""
     from ..checkpoint import DEFAULT_MODEL
     from ..threads import resolve_threads
     from .format import parse_defaults
@@ -225,6 +227,7 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
     if not todo:
         return progress.close()
     workers = args.workers or 1
+    actors = ActorStats(time.time())  # start-up counts from here: Ray's own start included
     with ray_session(args.address, workers * args.cpus_per_worker) as ray:
         per_call = args.rows_per_call or rows_per_call(len(todo), workers, args.max_batch)
         ds = dataset_of(ray, [{"text": r.line, "lineno": r.lineno} for r in todo], per_call)
@@ -233,15 +236,13 @@ def run_on_ray(args, todo, skipped, writer) -> dict:
                              num_gpus=args.gpus_per_worker, threads=resolve_threads(args.threads) or 1,
                              served_name=args.served_name, text=args.text, defaults=parse_defaults(args.defaults),
                              load_options=cli_load_options(args), admit_wave=args.admit_wave)
-        progress.start = time.perf_counter()
-        actors = ActorStats(time.time())
         for row in out.iter_rows():
             line = json.loads(row["output"])
             writer.write(line)
             progress.update(line)
             actors.update(row)
-    summary = progress.close()
-    summary["actors"] = actors.summary(time.time())
+        summary = progress.close()  # before Ray's shutdown, which is no part of the run
+        summary["actors"] = actors.summary(time.time())
     return summary
 
 
@@ -283,6 +284,7 @@ def decode_rows_on_ray(tasks, *, model, load_options: dict | None = None, worker
     tasks = by_hidden_count(tasks)
     if not tasks:
         return
+    actors = ActorStats(time.time())
     with ray_session(address, workers * num_cpus) as ray:
         per_call = per_call or rows_per_call(len(tasks), workers, max_batch)
         ds = dataset_of(ray, [{"task": json.dumps(t.to_json())} for t in tasks], per_call)
@@ -290,7 +292,6 @@ def decode_rows_on_ray(tasks, *, model, load_options: dict | None = None, worker
                                              "threads": threads, "admit_wave": admit_wave},
                               workers=workers, batch_size=per_call, num_cpus=num_cpus,
                               num_gpus=num_gpus)
-        actors = ActorStats(time.time())
         for row in out.iter_rows():
             actors.update(row)
             yield RowResult.from_json(json.loads(row["result"]))
