@@ -7,7 +7,10 @@ path, on this machine's engine or on a Ray cluster.
 
     format.py      request and output lines (OpenAI's batch shapes), the durable writer, resume
     local.py       the server's app called in-process: one request path for server, batch, Ray
-    ray_runner.py  ``infill_dataset``: map_batches over a ray.data.Dataset, an actor per engine
+    ray_runner.py  ``infill_dataset``: map_batches over a ray.data.Dataset, an actor per engine;
+                   ``decode_rows_on_ray``: token rows on the same actors
+    rows.py        token rows (an evaluation's examples) on one engine, as ``sample`` decodes them
+    runner.py      ``RowRunner``: token rows here or on Ray (what ``asarm eval --max-batch/--ray`` uses)
 
 Manual: docs/batch.md.
 """

@@ -113,7 +113,7 @@ def run_from_args(args, model=None) -> dict:
 
 
 def row_runner(args):
-    """The batch path the options ask for (``asarm.batch.rows.RowRunner``), or None: one
+    """The batch path the options ask for (``asarm.batch.runner.RowRunner``), or None: one
     ``sample`` call per batch, the sequential harness."""
     from ..batch import DEFAULT_MAX_BATCH, check_engine_options
     from ..checkpoint import DEFAULT_MODEL
@@ -122,7 +122,7 @@ def row_runner(args):
                          args.cpus_per_worker, args.gpus_per_worker, workers_flag="--ray-workers")
     if args.max_batch is None and args.admit_wave is None and not args.ray:
         return None
-    from ..batch.rows import RowRunner
+    from ..batch.runner import RowRunner
     from ..threads import resolve_threads
 
     runner = RowRunner(max_batch=args.max_batch or DEFAULT_MAX_BATCH, admit_wave=args.admit_wave, ray=args.ray)

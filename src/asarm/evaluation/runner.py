@@ -39,7 +39,7 @@ def run_task(task, model, *, configs: list[DecodeConfig], out_dir, batch_size: i
     """Run ``task`` with every configuration on this shard's batches; returns the summary of
     the records this run's examples have in this shard's file (see ``common`` for the layout).
 
-    ``rows``: an ``asarm.batch.rows.RowRunner`` to decode on the batch path (one engine with
+    ``rows``: an ``asarm.batch.runner.RowRunner`` to decode on the batch path (one engine with
     continuous batching, or Ray actors) instead of one ``sample`` call per batch. Each example
     is still its batch's row, with its batch's seed, so the records are those of the sequential
     harness (float rounding aside, docs/evaluation.md); only the timings mean something else."""
