@@ -10,7 +10,7 @@ Every process and actor runs one torch thread. Every run writes its output under
 go to OUT/batch.json, OUT/batch.png and the table between the markers in OUT/README.md. Requests/s
 count decoding: model loading is excluded for the local runs; for Ray the actors' start-up (Ray,
 the actor processes, their model loads: from the run's start to the first actor ready) is reported
-apart, and the rate is given over the decoding after it and over the whole run. About 5 minutes
+apart, and the rate is given over the decoding after it and over the whole run. About 5-6 minutes
 for 1,000 stories on an idle 2-core machine (one at a time is most of it).
 
     python scripts/batch_bench.py --stories 1000 --out results/batch-cpu
