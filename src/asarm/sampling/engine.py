@@ -53,17 +53,20 @@ class RowHandle:
                                     squeeze=True)
 
 
-def host_lists(tensors: list[torch.Tensor]) -> list[list]:
-    """Each tensor's values as (nested) Python lists, integers for integer tensors. Off the CPU the
-    tensors cross in one transfer (flattened into one float64 buffer: token ids are exact there);
-    on the CPU each is read in place (a concatenation would only add copies)."""
-    if all(t.device.type == "cpu" for t in tensors):
+def host_lists(tensors: list[torch.Tensor], one_transfer: bool | None = None) -> list[list]:
+    """Each tensor's values as (nested) Python lists, integers for integer tensors. Off the CPU
+    (``one_transfer``, by default: any tensor off the CPU) the tensors cross in one transfer,
+    flattened into one float64 buffer (token ids are exact there); on the CPU each is read in
+    place (a concatenation would only add copies)."""
+    if one_transfer is None:
+        one_transfer = any(t.device.type != "cpu" for t in tensors)
+    if not one_transfer:
         return [t.tolist() for t in tensors]
     flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
     out, start = [], 0
     for t in tensors:
         part = flat[start : start + t.numel()].view(t.shape)
-        out.append(part.long().tolist() if not (t.is_floating_point() or t.dtype == torch.bool) else part.tolist())
+        out.append(part.tolist() if t.is_floating_point() else part.long().tolist())
         start += t.numel()
     return out
 
@@ -271,11 +274,17 @@ class Engine:
             u_draw += u[plan.first_drawn : nq]
             u_accept.append(u[nq : nq + nk] + [0.0] * (K - nk))
             u_next.append(u[-1])
-        flat = probs.view(B * Q, V)
-        if len(drawn_rows) < B * Q:
-            flat = flat.index_select(0, torch.tensor(drawn_rows, dtype=torch.long, device=self.device))
-        tokens = draw(flat, torch.tensor(u_draw, dtype=torch.float64, device=self.device))
-        drawn_prob = flat.gather(-1, tokens[:, None]).squeeze(-1)
+        if B == 1:  # one row's drawn query rows are a range: a view
+            chosen = probs[0, plans[0].first_drawn :]
+        elif len(drawn_rows) < B * Q:
+            chosen = probs.view(B * Q, V).index_select(0, torch.tensor(drawn_rows, dtype=torch.long, device=self.device))
+        else:
+            chosen = probs.view(B * Q, V)
+        if drawn_rows:
+            tokens = draw(chosen, torch.tensor(u_draw, dtype=torch.float64, device=self.device))
+            drawn_prob = chosen.gather(-1, tokens[:, None]).squeeze(-1)
+        else:  # verification rows only (plain ASSD without a bonus query): nothing to draw
+            tokens, drawn_prob = chosen[:, 0].long(), chosen[:, 0]
         verdict = None
         if K:
             verdict = self._verify(rows, plans, probs, u_accept, u_next, K)

@@ -77,12 +77,12 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Tokens from (unnormalised, non-negative) distributions ``probs`` [..., V] by inverse CDF
     with uniforms ``u`` [...] in [0, 1): token i is drawn iff cdf[i-1] <= u * total < cdf[i].
 
-    A zero-probability token has cdf[i] == cdf[i-1] and can never be drawn. If rounding puts
-    u * total at the total (u < 1, so only by rounding: probability ~2^-53 per draw), the token
-    at which the cdf first reaches its total is taken, which has mass (cdf[i] > cdf[i-1]); the
-    search for it is as cheap as the draw's own, where a scan for the last positive entry cost
-    more than the cumulative sum. float64 cumulative sums keep the rounding far below what the
-    statistical tests can see."""
+    A zero-probability token has cdf[i] == cdf[i-1] and can never be drawn. With u < 1,
+    u * total < total in float64 (round to nearest), so the search lands on a token with mass; a
+    second search, of the total itself (as if u were 1), guards that bound: it gives the token at
+    which the cdf reaches its total, which has mass. (A binary search: the scan for the last
+    positive entry it replaces cost more than the cumulative sum.) float64 cumulative sums keep
+    the rounding far below what the statistical tests can see."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
     total = cdf[..., -1:].contiguous()
     index = torch.searchsorted(cdf, u.to(cdf)[..., None] * total, right=True)
