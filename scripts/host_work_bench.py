@@ -8,9 +8,9 @@ The baseline's ``src/asarm/sampling`` is read with ``git show`` and imported as
 ``asarm.sampling_baseline``: it runs on the same model object, the same exact cache and the same
 fast pass, so only the host code of a round differs (plans, target distributions, draws,
 verification, outcomes, row bookkeeping). The row is ``asarm bench --suite pass``'s (``PROMPT``:
-a 40-token prompt + 80 hidden tokens). For each sampler, seed after seed, both codes decode the
-same row with the same seed, taking turns at going first, so a slow spell of a shared machine
-hits both alike. Per run: ``Engine.forward_seconds`` (the model's ``forward_rows``) and
+a 40-token prompt + 80 hidden tokens). Seed after seed, every sampler in turn, both codes decode
+the same row with the same seed, taking turns at going first, so a slow spell of a shared
+machine hits every configuration alike. Per run: ``Engine.forward_seconds`` (the model's ``forward_rows``) and
 ``Engine.step_seconds`` (whole passes); host work = step - forward. Reported per sampler and
 code: medians over runs of ms of forward per pass, ms of host work per pass, tokens/s of whole
 runs (``add`` included), passes per token, and whether the two codes decoded the same tokens
@@ -103,19 +103,20 @@ def main() -> None:
                 if args.only is None or any(s in k for s in args.only.split(","))}
     runs = {(s, c): [] for s in samplers for c in codes}
     same = {s: True for s in samplers}
-    for name, options in samplers.items():
-        for code in codes.values():  # warm-up
+    for name, options in samplers.items():  # warm-up
+        for code in codes.values():
             run_once(*code, model, ids, masked, options, 0)
-        turn = 0
-        for seed in range(args.seeds):
-            for _ in range(args.repeats):
+    turn = 0
+    for seed in range(args.seeds):
+        for _ in range(args.repeats):
+            for name, options in samplers.items():
                 order = list(codes) if turn % 2 == 0 else list(codes)[::-1]
                 turn += 1
                 results = {c: run_once(*codes[c], model, ids, masked, options, seed) for c in order}
                 same[name] &= results["before"]["tokens"] == results["after"]["tokens"]
                 for c, r in results.items():
                     runs[name, c].append(r)
-        print(f"{name}: done", flush=True)
+        print(f"seed {seed}: done", flush=True)
     records = []
     for (name, code), rs in runs.items():
         rec = dict(sampler=name, code=code, same_tokens=same[name])
