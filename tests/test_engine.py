@@ -83,6 +83,34 @@ def test_verify_bonus_after_full_acceptance_and_none_without():
     assert bool((plain.next_token[plain.n_accepted < 3] >= 0).all())
 
 
+def test_verify_next_token_is_the_residual_or_the_bonus_draw_exactly():
+    """The next token is one draw with u_next: from normalize(max(0, q_j - p_j)) at a rejection,
+    from the bonus distribution after a full accept, whether the bonus comes as a tensor
+    (``bonus_probs``) or as a row of the targets (``bonus_rows``, the engine's way), one row or
+    a batch; token for token what ``draw`` gives on those distributions."""
+    from asarm.sampling.target import residual
+
+    drafts, verdict = _run_verify(seed=4)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):  # (the draft uniforms of _run_verify)
+        torch.rand(N, generator=g, dtype=torch.float64)
+    u_accept = torch.rand(N, 3, generator=g, dtype=torch.float64)
+    u_next = torch.rand(N, generator=g, dtype=torch.float64)
+    j = verdict.n_accepted.clamp(max=2)
+    rejected = verdict.n_accepted < 3
+    expected = torch.where(rejected, draw(residual(Q[j], P[j]), u_next), draw(BONUS.expand(N, -1), u_next))
+    assert torch.equal(verdict.next_token, expected)
+    targets = torch.cat([Q, BONUS[None]])[None].expand(N, -1, -1)  # the bonus as query row 3
+    as_rows = verify(drafts, P.expand(N, -1, -1), targets, torch.full((N,), 3), u_accept, u_next,
+                     target_rows=torch.arange(3).expand(N, -1), bonus_rows=torch.full((N,), 3))
+    assert torch.equal(as_rows.next_token, expected) and torch.equal(as_rows.n_accepted, verdict.n_accepted)
+    assert torch.equal(as_rows.next_prob, verdict.next_prob)
+    for i in range(20):  # one row at a time (the engine's single-row path)
+        one = verify(drafts[i : i + 1], P[None], targets[:1], torch.tensor([3]), u_accept[i : i + 1], u_next[i : i + 1],
+                     target_rows=torch.arange(3)[None], bonus_rows=torch.tensor([3]))
+        assert int(one.next_token) == int(expected[i]) and int(one.n_accepted) == int(verdict.n_accepted[i])
+
+
 def test_verify_ignores_padding_and_accepts_identical_proposals():
     _, verdict = _run_verify(seed=3, n_drafts=1)
     assert int(verdict.n_accepted.max()) <= 1
@@ -91,10 +119,27 @@ def test_verify_ignores_padding_and_accepts_identical_proposals():
     assert int(same.n_accepted[0]) == 2 and int(same.next_token[0]) == -1
 
 
+def test_host_lists_one_transfer_reads_what_the_tensors_hold():
+    """A pass's decisions reach the host as Python values: read in place on the CPU, or in one
+    float64 transfer from an accelerator; both give the same ints and floats."""
+    from asarm.sampling.engine import host_lists
+
+    parts = [torch.tensor([3, -1, 8191]), torch.tensor([0.1, 1e-30], dtype=torch.float32),
+             torch.tensor([[0.25, 1 / 3]], dtype=torch.float64), torch.zeros(0, dtype=torch.long)]
+    direct, packed = host_lists(parts), host_lists(parts, one_transfer=True)
+    assert direct == packed == [[3, -1, 8191], [float(parts[1][0]), float(parts[1][1])], [[0.25, 1 / 3]], []]
+    assert all(type(x) is int for x in packed[0])
+
+
 def test_draw_never_returns_zero_probability_tokens():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]], dtype=torch.float64).expand(5, -1)
     u = torch.tensor([0.0, 0.25, 0.5, 0.999999, 1.0 - 1e-17], dtype=torch.float64)
     assert draw(probs, u).tolist() == [1, 1, 3, 3, 3]
+    # float32 probabilities whose tiny trailing mass vanishes in the float64 sum: the largest u
+    # below 1 still lands on a token with mass, and u = 1 itself (the guard) on the token at
+    # which the cdf reaches its total
+    tail = torch.tensor([[0.0, 0.25, 0.75, 1e-30, 0.0]], dtype=torch.float32).expand(3, -1)
+    assert draw(tail, torch.tensor([0.25, 1.0 - 2.0**-53, 1.0], dtype=torch.float64)).tolist() == [2, 2, 2]
 
 
 def test_tiny_temperature_is_finite_and_equals_greedy():

@@ -33,7 +33,7 @@ class ContentCache:
         self.key_rank = torch.full((batch_size, capacity), NO_KEY, dtype=torch.long, device=model.device)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.capacity = capacity
-        self._slots = self._rows = None
+        self._slots = self._rows = self._run = None
         self._span = 0
 
     @property
@@ -54,13 +54,22 @@ class ContentCache:
             # new rows can pass any per-row bound; the new slots hold no key (NO_KEY), so it stays exact
             self.add_rows(0, self._span)
         self._rows = torch.arange(B, device=self.length.device)[:, None]  # the same for every layer
-        self.key_pos[self._rows, self._slots] = content_pos.long()
-        self.key_rank[self._rows, self._slots] = content_rank.long()
+        # one row: its new slots are the range before the span, written as a slice (a plain copy;
+        # an indexed write costs several times more, once per layer and tensor)
+        self._run = slice(self._span - N, self._span) if B == 1 else None
+        self._write(self.key_pos, content_pos.long())
+        self._write(self.key_rank, content_rank.long())
         return self.key_pos[:, : self._span], self.key_rank[:, : self._span]
 
+    def _write(self, buffer: torch.Tensor, new: torch.Tensor) -> None:
+        if self._run is not None:
+            buffer[:, self._run] = new
+        else:
+            buffer[self._rows, self._slots] = new
+
     def write_layer(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        self.keys[layer][self._rows, self._slots] = k_new
-        self.values[layer][self._rows, self._slots] = v_new
+        self._write(self.keys[layer], k_new)
+        self._write(self.values[layer], v_new)
         return self.keys[layer][:, : self._span], self.values[layer][:, : self._span]
 
     def commit(self, kept: torch.Tensor) -> None:
@@ -69,7 +78,7 @@ class ContentCache:
         new_len = self.length + kept
         slots = torch.arange(self._span, device=self.length.device)
         forget = (slots[None, :] >= new_len[:, None]) & (slots[None, :] < self._span)
-        self.key_rank[:, : self._span][forget] = NO_KEY
+        self.key_rank[:, : self._span].masked_fill_(forget, NO_KEY)
         self.length = new_len
 
     def select_rows(self, rows: torch.Tensor) -> None:

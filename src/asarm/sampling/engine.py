@@ -53,40 +53,62 @@ class RowHandle:
                                     squeeze=True)
 
 
+def host_lists(tensors: list[torch.Tensor], one_transfer: bool | None = None) -> list[list]:
+    """Each tensor's values as (nested) Python lists, integers for integer tensors. Off the CPU
+    (``one_transfer``, by default: any tensor off the CPU) the tensors cross in one transfer,
+    flattened into one float64 buffer (token ids are exact there); on the CPU each is read in
+    place (a concatenation would only add copies)."""
+    if one_transfer is None:
+        one_transfer = any(t.device.type != "cpu" for t in tensors)
+    if not one_transfer:
+        return [t.tolist() for t in tensors]
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+    out, start = [], 0
+    for t in tensors:
+        part = flat[start : start + t.numel()].view(t.shape)
+        out.append(part.tolist() if t.is_floating_point() else part.long().tolist())
+        start += t.numel()
+    return out
+
+
 @dataclasses.dataclass
 class Decisions:
-    """A pass's decisions for the whole batch, on the model's device until ``outcomes``."""
+    """A pass's decisions for the whole batch, on the model's device until ``outcomes``. Only the
+    query rows whose draw is used are drawn (verification rows are read, not drawn)."""
 
-    drawn: torch.Tensor  # [B, Q] the token drawn from each query row's target (-1: not drawn)
-    drawn_prob: torch.Tensor  # [B, Q] its target probability
+    queries: int  # Q, the query rows per batch row of the pass
+    drawn_rows: list[int]  # flat indices b * Q + q of the drawn query rows, in order
+    drawn: torch.Tensor  # [len(drawn_rows)] the token drawn from each of them
+    drawn_prob: torch.Tensor  # [len(drawn_rows)] its target probability
     verdict: Verdict | None  # rows that verified drafts (None when no row did)
+    forced: dict[tuple[int, int], tuple[int, float]] = dataclasses.field(default_factory=dict)
 
     def force(self, draws: dict[tuple[int, int], tuple[int, float]]) -> None:
         """Use these draws ({(row, query row): (token, probability)}) for those query rows:
         constrained rows draw them one after another, each inside the mask the draws before it
         set (asarm.sampling.constraints.constrain_pass), with the same uniforms."""
-        index = torch.tensor(list(draws), dtype=torch.long, device=self.drawn.device)
-        values = torch.tensor(list(draws.values()), dtype=torch.float64, device=self.drawn.device)
-        self.drawn[index[:, 0], index[:, 1]] = values[:, 0]
-        self.drawn_prob[index[:, 0], index[:, 1]] = values[:, 1]
+        self.forced.update(draws)
 
     def outcomes(self, plans: list[Plan], probs: torch.Tensor) -> list[Outcome]:
         """Per-row outcomes; the one device-to-host transfer of the pass."""
-        B, Q = self.drawn.shape
-        parts = [self.drawn.double(), self.drawn_prob]
+        Q = self.queries
+        parts = [self.drawn, self.drawn_prob]
         if self.verdict is not None:
             v = self.verdict
-            parts += [v.n_accepted.double()[:, None], v.next_token.double()[:, None], v.next_prob[:, None],
-                      v.draft_target_prob]
-        host = torch.cat(parts, dim=1).cpu().tolist()
+            parts += [v.n_accepted, v.next_token, v.next_prob, v.draft_target_prob]
+        host = host_lists(parts)
+        drawn, drawn_prob = [-1] * (len(plans) * Q), [0.0] * (len(plans) * Q)
+        for i, token, p in zip(self.drawn_rows, host[0], host[1]):
+            drawn[i], drawn_prob[i] = token, p
+        for (b, q), (token, p) in self.forced.items():
+            drawn[b * Q + q], drawn_prob[b * Q + q] = token, p
         outcomes = []
         for b, plan in enumerate(plans):
-            vals, nq = host[b], len(plan.queries)
-            out = Outcome([int(t) for t in vals[:nq]], vals[Q : Q + nq], probs[b, :nq])
+            start, nq = b * Q, len(plan.queries)
+            out = Outcome(drawn[start : start + nq], drawn_prob[start : start + nq], probs[b, :nq])
             if plan.kind == "verify":
-                rest = vals[2 * Q :]
-                out.n_accepted, out.next_token, out.next_prob = int(rest[0]), int(rest[1]), rest[2]
-                out.draft_prob = rest[3 : 3 + len(plan.target_rows)]
+                out.n_accepted, out.next_token, out.next_prob = host[2][b], host[3][b], host[4][b]
+                out.draft_prob = host[5][b][: len(plan.target_rows)]
             outcomes.append(out)
         return outcomes
 
@@ -202,16 +224,12 @@ class Engine:
 
     # --- the pass -------------------------------------------------------------------------------
     def _forward(self, plans: list[Plan]) -> torch.Tensor:
-        B = len(plans)
         N = max(1, max(len(p.contents) for p in plans))
         Q = max(len(p.queries) for p in plans)
-        content = torch.zeros(B, N, 3, dtype=torch.long)
-        content[:, :, 2] = NO_KEY
-        query = torch.zeros(B, Q, 2, dtype=torch.long)
-        for b, plan in enumerate(plans):
-            if plan.contents:
-                content[b, : len(plan.contents)] = torch.tensor(plan.contents, dtype=torch.long)
-            query[b, : len(plan.queries)] = torch.tensor(plan.queries, dtype=torch.long)
+        # the padded [B, rows] layout built from Python lists in one tensor each (no per-row copies)
+        content = torch.tensor([p.contents + [(0, 0, NO_KEY)] * (N - len(p.contents)) for p in plans],
+                               dtype=torch.long).view(len(plans), N, 3)
+        query = torch.tensor([p.queries + [(0, 0)] * (Q - len(p.queries)) for p in plans], dtype=torch.long)
         content, query = content.to(self.device), query.to(self.device)
         if self.timer is not None:
             self.timer.sync()
@@ -244,60 +262,64 @@ class Engine:
         return constrain_pass(rows, plans, logits, probs)
 
     def _decide(self, rows: list[Row], plans: list[Plan], probs: torch.Tensor) -> Decisions:
-        """Draws and verification for the whole batch, on the model's device."""
+        """Draws and verification for the whole batch, on the model's device. The per-row inputs
+        (uniforms, drawn rows) are gathered in Python lists and cross as one tensor each."""
         B, Q, V = probs.shape
         K = max((len(p.target_rows) for p in plans), default=0)
-        u_draw = torch.zeros(B, Q, dtype=torch.float64)
-        u_accept = torch.zeros(B, max(K, 1), dtype=torch.float64)
-        u_next = torch.zeros(B, dtype=torch.float64)
-        need_draw = []  # flat indices of the query rows whose draw is used
+        u_draw, u_accept, u_next, drawn_rows = [], [], [], []
         for b, (row, plan) in enumerate(zip(rows, plans)):
-            u = row.uniforms(plan)
-            nq = len(plan.queries)
-            u_draw[b, :nq], u_accept[b, : len(plan.target_rows)], u_next[b] = u[:nq], u[nq:-1], u[-1]
-            need_draw += range(b * Q + plan.first_drawn, b * Q + nq)
-        flat = torch.tensor(need_draw, dtype=torch.long, device=self.device)
-        all_rows = len(need_draw) == B * Q
-        chosen = probs.view(B * Q, V) if all_rows else probs.view(B * Q, V).index_select(0, flat)
-        tokens = draw(chosen, u_draw.view(-1).to(self.device).index_select(0, flat))
-        drawn = torch.full((B * Q,), -1, dtype=torch.float64, device=self.device)
-        drawn_prob = torch.zeros(B * Q, dtype=torch.float64, device=self.device)
-        drawn[flat] = tokens.double()
-        drawn_prob[flat] = chosen.gather(-1, tokens[:, None]).squeeze(-1).double()
+            u = row.uniforms(plan).tolist()
+            nq, nk = len(plan.queries), len(plan.target_rows)
+            drawn_rows += range(b * Q + plan.first_drawn, b * Q + nq)
+            u_draw += u[plan.first_drawn : nq]
+            u_accept.append(u[nq : nq + nk] + [0.0] * (K - nk))
+            u_next.append(u[-1])
+        if B == 1:  # one row's drawn query rows are a range: a view
+            chosen = probs[0, plans[0].first_drawn :]
+        elif len(drawn_rows) < B * Q:
+            chosen = probs.view(B * Q, V).index_select(0, torch.tensor(drawn_rows, dtype=torch.long, device=self.device))
+        else:
+            chosen = probs.view(B * Q, V)
+        if drawn_rows:
+            tokens = draw(chosen, torch.tensor(u_draw, dtype=torch.float64, device=self.device))
+            drawn_prob = chosen.gather(-1, tokens[:, None]).squeeze(-1)
+        else:  # verification rows only (plain ASSD without a bonus query): nothing to draw
+            tokens, drawn_prob = chosen[:, 0].long(), chosen[:, 0]
         verdict = None
-        if any(p.kind == "verify" for p in plans):
+        if K:
             verdict = self._verify(rows, plans, probs, u_accept, u_next, K)
-        return Decisions(drawn.view(B, Q), drawn_prob.view(B, Q), verdict)
+        return Decisions(Q, drawn_rows, tokens, drawn_prob, verdict)
 
     def _verify(self, rows, plans, probs, u_accept, u_next, K) -> Verdict:
-        """Pack the verifying rows' drafts and proposals for ``verify``; targets stay in place."""
+        """Pack the verifying rows' drafts and proposals for ``verify``; targets stay in place.
+        The integer inputs cross as one [B, 3K + 3] tensor; one verifying row's proposals are
+        used as they are (no [B, K, V] copy)."""
         B, Q, V = probs.shape
         dev = self.device
-        tokens = torch.zeros(B, K, dtype=torch.long)
-        n_drafts = torch.zeros(B, dtype=torch.long)
-        target_rows = torch.zeros(B, K, dtype=torch.long)
-        exact = torch.zeros(B, K, dtype=torch.bool)
-        bonus_row = torch.zeros(B, dtype=torch.long)
-        has_bonus = torch.zeros(B, dtype=torch.bool)
-        # proposals keep the precision they were drawn with (n-gram proposals are float64)
-        dtype = max((row.block.probs.dtype for row, plan in zip(rows, plans) if plan.kind == "verify"),
-                    key=lambda t: torch.finfo(t).bits)
-        draft_probs = torch.zeros(B, K, V, dtype=dtype, device=dev)
-        for b, (row, plan) in enumerate(zip(rows, plans)):
+        packed, blocks = [], []
+        for row, plan in zip(rows, plans):
             if plan.kind != "verify":
+                packed.append([0] * (3 * K + 3))
                 continue
-            n = len(plan.target_rows)
-            tokens[b, :n] = torch.tensor(row.block.tokens)
-            n_drafts[b] = n
-            target_rows[b, :n] = torch.tensor(plan.target_rows).clamp(min=0)
-            exact[b, :n] = torch.tensor(plan.target_rows) < 0
-            bonus_row[b], has_bonus[b] = max(plan.bonus_row, 0), plan.bonus_row >= 0
-            draft_probs[b, :n] = row.block.probs
-        bonus = probs.gather(1, bonus_row.to(dev)[:, None, None].expand(B, 1, V)).squeeze(1)
+            n, pad = len(plan.target_rows), [0] * (K - len(plan.target_rows))
+            packed.append(row.block.tokens + pad + [max(t, 0) for t in plan.target_rows] + pad
+                          + [int(t < 0) for t in plan.target_rows] + pad
+                          + [n, max(plan.bonus_row, 0), int(plan.bonus_row >= 0)])
+            blocks.append(row.block.probs)
+        ints = torch.tensor(packed, dtype=torch.long, device=dev)
+        if len(blocks) == B == 1:
+            draft_probs = blocks[0][None]
+        else:  # proposals keep the precision they were drawn with (n-gram proposals are float64)
+            dtype = max((b.dtype for b in blocks), key=lambda t: torch.finfo(t).bits)
+            draft_probs = torch.zeros(B, K, V, dtype=dtype, device=dev)
+            for b, (row, plan) in enumerate(zip(rows, plans)):
+                if plan.kind == "verify":
+                    draft_probs[b, : len(plan.target_rows)] = row.block.probs
         block = [row.config.verification == "block" for row in rows]
-        return verify(tokens.to(dev), draft_probs, probs, n_drafts.to(dev), u_accept.to(dev), u_next.to(dev),
-                      target_rows=target_rows.to(dev), exact=exact.to(dev), bonus_probs=bonus,
-                      has_bonus=has_bonus.to(dev), block=torch.tensor(block, device=dev) if any(block) else None)
+        return verify(ints[:, :K], draft_probs, probs, ints[:, 3 * K], torch.tensor(u_accept, dtype=torch.float64,
+                      device=dev), torch.tensor(u_next, dtype=torch.float64, device=dev), target_rows=ints[:, K : 2 * K],
+                      exact=ints[:, 2 * K : 3 * K].bool(), bonus_rows=ints[:, 3 * K + 1], has_bonus=ints[:, 3 * K + 2].bool(),
+                      block=torch.tensor(block, device=dev) if any(block) else None)
 
     # --- membership and memory -------------------------------------------------------------------
     def _make_room(self, length: int, max_k: int) -> None:

@@ -229,7 +229,10 @@ class Row:
         if not self.done:  # one-pass rounds: this pass also proposed the next block
             start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
             extra = Drawn(out.drawn[start:], out.probs[start:])
-            checked = out.probs[plan.target_rows[j + 1 :] if rejected else []]
+            # the verification rows of the drafts after the rejection: consecutive query rows (one
+            # per draft; only a first draft can go without), so a view, not an indexed copy
+            after = plan.target_rows[j + 1 :] if rejected else []
+            checked = out.probs[after[0] : after[-1] + 1] if after else out.probs[:0]
             self.block = self._fit(self.proposer.carry(self.view(), block.tail(j + 1) if rejected else None, checked,
                                                        extra))
         return commit, positions

@@ -6,6 +6,7 @@ Everything here runs where the logits are (CPU or GPU), batched over any leading
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -34,8 +35,8 @@ class TargetDistribution:
         (bool, broadcast to ``logits``): a constrained hole's mask, excluded like the rest
         before everything else (asarm.sampling.constraints)."""
         dtype = torch.float64 if self.temperature < 1e-30 else torch.float32
-        excluded = torch.tensor((self.mask_token_id, *self.suppress), device=logits.device)
-        x = logits.to(dtype).index_fill(-1, excluded, -math.inf)  # a new tensor: edited in place below
+        # a new tensor (logits are read again by constrained rows), edited in place from here on
+        x = logits.to(dtype, copy=True).index_fill_(-1, self.excluded(logits.device), -math.inf)
         if allowed is not None:
             x.masked_fill_(~allowed, -math.inf)
         if self.greedy:
@@ -54,6 +55,18 @@ class TargetDistribution:
             x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted), -math.inf)
         return x
 
+    def excluded(self, device: torch.device) -> torch.Tensor:
+        """The excluded token ids (the mask token, ``suppress``) as an index tensor on
+        ``device``, built once per distribution and device: every pass asks for it."""
+        index = self._excluded.get(device)
+        if index is None:
+            index = self._excluded[device] = torch.tensor((self.mask_token_id, *self.suppress), device=device)
+        return index
+
+    @functools.cached_property
+    def _excluded(self) -> dict:
+        return {}  # (cached_property writes the instance's __dict__: allowed on a frozen dataclass)
+
     def probs(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities (float32; float64 for tiny temperatures). Drawing and acceptance
         convert the entries they use to float64."""
@@ -64,21 +77,22 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Tokens from (unnormalised, non-negative) distributions ``probs`` [..., V] by inverse CDF
     with uniforms ``u`` [...] in [0, 1): token i is drawn iff cdf[i-1] <= u * total < cdf[i].
 
-    A zero-probability token has cdf[i] == cdf[i-1] and can never be drawn; if rounding puts
-    u * total at the total, the last token with mass is taken. float64 cumulative sums keep the
-    rounding far below what the statistical tests can see."""
+    A zero-probability token has cdf[i] == cdf[i-1] and can never be drawn. With u < 1,
+    u * total < total in float64 (round to nearest), so the search lands on a token with mass; a
+    second search, of the total itself (as if u were 1), guards that bound: it gives the token at
+    which the cdf reaches its total, which has mass. (A binary search: the scan for the last
+    positive entry it replaces cost more than the cumulative sum.) float64 cumulative sums keep
+    the rounding far below what the statistical tests can see."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
-    x = u.to(cdf)[..., None] * cdf[..., -1:]
-    index = torch.searchsorted(cdf, x, right=True).squeeze(-1)
-    vocab = probs.shape[-1]
-    last_with_mass = vocab - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
-    return torch.minimum(index, last_with_mass)
+    total = cdf[..., -1:].contiguous()
+    index = torch.searchsorted(cdf, u.to(cdf)[..., None] * total, right=True)
+    return torch.minimum(index, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
 def residual(target: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
     """Where a rejected draft's replacement is drawn from: normalize(max(0, target - proposal))
     (``draw`` normalises). Rows without residual mass (proposal == target) fall back to the
     target; no draft is ever rejected there, so the fallback is never used for a real draw."""
-    rest = (target - proposal).clamp(min=0.0)
+    rest = (target - proposal).clamp_(min=0.0)
     empty = rest.sum(-1, keepdim=True) <= 0
     return torch.where(empty, target, rest)

@@ -85,21 +85,22 @@ def _rows(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """probs[b, rows[b, i]] [B, K, V] in the dtype of ``probs``: whole-row copies (index_select),
     many times faster than a gather with an expanded index on the CPU."""
     B, R, V = probs.shape
-    flat = (torch.arange(B, device=rows.device)[:, None] * R + rows).reshape(-1)
-    return probs.reshape(B * R, V).index_select(0, flat).view(B, rows.shape[1], V)
+    flat = rows if B == 1 else torch.arange(B, device=rows.device)[:, None] * R + rows
+    return probs.reshape(B * R, V).index_select(0, flat.reshape(-1)).view(B, rows.shape[1], V)
 
 
 def _row(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """probs[b, rows[b]] as float64 [B, V]."""
-    return _rows(probs, rows[:, None]).squeeze(1).double()
+    B, R, V = probs.shape
+    flat = rows if B == 1 else torch.arange(B, device=rows.device) * R + rows
+    return probs.reshape(B * R, V).index_select(0, flat).double()
 
 
 def token_accepts(p: torch.Tensor, q: torch.Tensor, u_accept: torch.Tensor, n_drafts: torch.Tensor) -> torch.Tensor:
     """Token-by-token verdict: the length of the prefix of drafts whose tests u_i p_i(d_i) <= q_i(d_i)
-    all pass. p, q: [B, K] each draft's proposal and target probability."""
-    ks = torch.arange(p.shape[1], device=p.device)
-    accept = (u_accept * p <= q) | (ks[None] >= n_drafts[:, None])
-    return torch.minimum(accept.long().cumprod(-1).sum(-1), n_drafts)
+    all pass. p, q: [B, K] each draft's proposal and target probability. (Padding past n_drafts
+    may pass or fail: the prefix is capped at n_drafts.)"""
+    return torch.minimum((u_accept * p <= q).cumprod(-1).sum(-1), n_drafts)
 
 
 def block_weights(p: torch.Tensor, q: torch.Tensor, n_drafts: torch.Tensor) -> torch.Tensor:
@@ -141,16 +142,16 @@ def block_accepts(p: torch.Tensor, q: torch.Tensor, draft_next: torch.Tensor, ta
 
 
 def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, *, target_rows=None,
-           exact=None, bonus_probs=None, has_bonus=None, block=None) -> Verdict:
+           exact=None, bonus_probs=None, has_bonus=None, block=None, bonus_rows=None) -> Verdict:
     """draft_tokens [B, K]; draft_probs [B, K, V]; target_probs [B, K, V], or [B, Q, V] with
     ``target_rows`` [B, K] naming the row that holds each draft's target (so a pass's query
     distributions are used in place); n_drafts [B]; u_accept [B, K], u_next [B]: uniforms in
     [0, 1). ``exact`` [B, K]: drafts drawn from their exact conditional (target = proposal; no
-    target row is read for them). ``bonus_probs`` [B, V]: the next position's distribution,
-    drawn where every draft is accepted and ``has_bonus`` [B] (default all) is True. ``block``
-    [B] bool: rows verified as a block (default none: token by token). Entries past
-    ``n_drafts[b]`` are padding and are ignored. Probabilities may be float32 or float64; the
-    arithmetic is float64."""
+    target row is read for them). ``bonus_probs`` [B, V]: the next position's distribution, or
+    ``bonus_rows`` [B]: the row of ``target_probs`` that holds it; drawn where every draft is
+    accepted and ``has_bonus`` [B] (default all) is True. ``block`` [B] bool: rows verified as a
+    block (default none: token by token). Entries past ``n_drafts[b]`` are padding and are
+    ignored. Probabilities may be float32 or float64; the arithmetic is float64."""
     B, K = draft_tokens.shape
     ks = torch.arange(K, device=draft_tokens.device)
     if target_rows is None:
@@ -160,7 +161,7 @@ def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, 
     if exact is not None:
         q = torch.where(exact, p, q)
     n_accepted = token_accepts(p, q, u_accept, n_drafts)
-    scale = torch.ones(B, dtype=torch.float64, device=p.device)  # w_τ: the residual's target scale
+    q_scale = None  # w_τ [B, 1] of block rows: the residual's target scale (1 token by token)
     if block is not None:  # (the engine passes None when no row asks for it: no device sync here)
         draft_next = draft_probs[:, 1:]
         target_next = _rows(target_probs, target_rows[:, 1:])
@@ -168,20 +169,29 @@ def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, 
             target_next = torch.where(exact[:, 1:, None], draft_next.to(target_next.dtype), target_next)
         tau, w_tau = block_accepts(p, q, draft_next, target_next, u_accept, n_drafts)
         n_accepted = torch.where(block, tau, n_accepted)
-        scale = torch.where(block, w_tau, scale)
+        q_scale = torch.where(block, w_tau, torch.ones_like(w_tau))[:, None]
     rejected = n_accepted < n_drafts
 
+    # Y: at a rejection (j = τ) from the residual normalize(max(0, w_τ q_j - p_j)) (w = 1 token by
+    # token); after a full accept from the bonus distribution, written as the residual against a
+    # zero proposal (bonus - 0 = bonus, so both draws are one ``draw`` over one [B, V] buffer)
     j = n_accepted.clamp(max=K - 1)
-    q_j = _row(target_probs, target_rows.gather(1, j[:, None]).squeeze(1))
-    # the residual of the scaled target w_τ q against p (w = 1 token by token); draw normalises
-    fix_probs = _target.residual(scale[:, None] * q_j, _row(draft_probs, j))
+    target_j = target_rows.gather(1, j[:, None]).squeeze(1)
+    if bonus_rows is not None:  # the bonus is a row of target_probs: one row read per batch row
+        q_next = _row(target_probs, torch.where(rejected, target_j, bonus_rows))
+    else:
+        q_next = _row(target_probs, target_j)
+        if bonus_probs is not None:
+            q_next = torch.where(rejected[:, None], q_next, bonus_probs.double())
     has_next = rejected
-    if bonus_probs is not None:
-        bonus = bonus_probs.double()
-        fix_probs = torch.where(rejected[:, None], fix_probs, bonus)
-        q_j = torch.where(rejected[:, None], q_j, bonus)
+    if bonus_rows is not None or bonus_probs is not None:
         has_next = rejected | (torch.ones_like(rejected) if has_bonus is None else has_bonus)
-    next_token = _target.draw(fix_probs, u_next)
+        p_next = _row(draft_probs, j).mul_(rejected[:, None])
+    else:
+        p_next = _row(draft_probs, j)
+    if q_scale is not None:
+        q_scale = torch.where(rejected[:, None], q_scale, torch.ones_like(q_scale))
+    next_token = _target.draw(_target.residual(q_next if q_scale is None else q_scale * q_next, p_next), u_next)
     next_token = torch.where(has_next, next_token, torch.full_like(next_token, -1))
-    next_prob = q_j.gather(-1, next_token.clamp(min=0)[:, None]).squeeze(-1)
+    next_prob = q_next.gather(-1, next_token.clamp(min=0)[:, None]).squeeze(-1)
     return Verdict(n_accepted, next_token, next_prob, q)
