@@ -223,3 +223,20 @@ def test_train_draft_end_to_end(tmp_path, capsys):
     (tmp_path / "model" / "draft_head.train.pt").write_bytes(b"")
     assert main(argv) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_return_hidden_is_what_the_lm_head_reads_fast_and_eager():
+    m = tiny_model(seed=3)
+    ids = INPUT[None]
+    pos = torch.arange(ids.shape[1])[None]
+    ranks = torch.where(MASKED, 0, 0)[None]  # every token visible to every query (rank 0 keys)
+    queries, qrank = torch.tensor([[2, 3, 5]]), torch.ones(1, 3, dtype=torch.long)
+    results = []
+    for fast in (False, True):
+        m.use_fast_path(fast)
+        with torch.no_grad():
+            logits, hidden = m.forward_rows(ids, pos, ranks, queries, qrank, return_hidden=True)
+            assert torch.equal(logits, m.forward_rows(ids, pos, ranks, queries, qrank))
+        torch.testing.assert_close(logits, m.lm_loss(hidden))
+        results.append(hidden)
+    torch.testing.assert_close(results[0], results[1])
