@@ -240,3 +240,16 @@ def test_return_hidden_is_what_the_lm_head_reads_fast_and_eager():
         torch.testing.assert_close(logits, m.lm_loss(hidden))
         results.append(hidden)
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_bf16_model_drafts_through_its_bf16_lm_head_and_stays_exact_in_greedy():
+    wide = tiny_model(seed=2, vocab_size=40, d_model=32).to(torch.bfloat16)
+    wide.attach_draft_head(random_head(wide, seed=4, scale=0.3))
+    assert HeadDrafter(wide.draft_head, wide).bf16_readout
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 40, (3, 16), generator=g)
+    ids[ids == 6] = 7
+    masked = torch.rand(3, 16, generator=g) < 0.8
+    expected = sample(wide, ids, masked, method="sequential", greedy=True, seed=1).input_ids
+    for options in (dict(k=4), dict(k=3, one_pass=True)):
+        assert torch.equal(sample(wide, ids, masked, greedy=True, seed=1, draft="head", **options).input_ids, expected)

@@ -61,10 +61,22 @@ class HeadDrafter:
     draft's proposal is the row's own target distribution of the head's logits, so the row's
     verification sees exactly what each draft was drawn from."""
 
-    def __init__(self, head: DraftHead, model):
-        self.head = head.to(model.device).eval()
+    def __init__(self, head, model):
+        self.head = head.to(model.device, torch.float32).eval()
+        # Reading out one row reads the whole LM head: bound by memory, so a bf16 model reads its
+        # bf16 weights (half the bytes, ~3x faster on this project's CPU); the head's own small
+        # matrices stay float32 (small bf16 matmuls measured slower there).
+        self.bf16_readout = model.dtype == torch.bfloat16
+        if self.bf16_readout:
+            self.readout_weight = model.transformer.word_embedding.weight.detach()
+            self.readout_bias = model.lm_loss.bias.detach().to(torch.bfloat16)
         self.embedding, self.bias = head_readout(model)
         self.mask_token_id = model.config.mask_token_id
+
+    def _readout(self, out: torch.Tensor) -> torch.Tensor:
+        if self.bf16_readout:
+            return torch.nn.functional.linear(out.to(torch.bfloat16), self.readout_weight, self.readout_bias)
+        return out @ self.embedding.T + self.bias
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, positions: list[int], prev_token: int, prev_pos: int | None, target,
@@ -83,7 +95,7 @@ class HeadDrafter:
             if i == 0 and first is not None:
                 token, p = first
             else:
-                p = target.probs(out @ self.embedding.T + self.bias)[0]
+                p = target.probs(self._readout(out))[0]
                 token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64).to(dev)))
             tokens.append(token)
             probs.append(p)
