@@ -189,9 +189,8 @@ def test_mismatched_and_corrupt_heads(tmp_path):
         load_head(tmp_path, m.config)
 
 
-def test_train_draft_end_to_end(tmp_path, capsys):
-    from asarm.checkpoint import load_model
-    from asarm.cli import main
+def _tiny_recipe(tmp_path):
+    """A tiny model with a tokenizer saved in tmp_path/model, and a training config (its recipe)."""
     from asarm.data import load_documents
     from asarm.tokenization import train_tokenizer
     from test_train import corpus_text
@@ -207,6 +206,14 @@ def test_train_draft_end_to_end(tmp_path, capsys):
     config = tmp_path / "recipe.json"
     config.write_text(json.dumps({"data": [str(data)], "valid_fraction": 0.2, "seq_len": 32, "tokenizer_kind": "text",
                                   "init_from": str(tmp_path / "model")}))  # a training config: the data recipe
+    return tokenizer, config
+
+
+def test_train_draft_end_to_end(tmp_path, capsys):
+    from asarm.checkpoint import load_model
+    from asarm.cli import main
+
+    tokenizer, config = _tiny_recipe(tmp_path)
     argv = ["train-draft", str(tmp_path / "model"), "--config", str(config), "--steps", "3", "--batch-size", "4",
             "--dtype", "fp32", "--threads", "1"]
     assert main(argv) == 0
@@ -253,3 +260,28 @@ def test_bf16_model_drafts_through_its_bf16_lm_head_and_stays_exact_in_greedy():
     expected = sample(wide, ids, masked, method="sequential", greedy=True, seed=1).input_ids
     for options in (dict(k=4), dict(k=3, one_pass=True)):
         assert torch.equal(sample(wide, ids, masked, greedy=True, seed=1, draft="head", **options).input_ids, expected)
+
+
+def test_train_draft_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    from asarm.checkpoint import load_model
+    from asarm.train import draft
+
+    _, config = _tiny_recipe(tmp_path)
+    model = load_model(tmp_path / "model", device="cpu")
+    out = tmp_path / "head"
+    options = draft.DraftTrainOptions(steps=4, batch_size=4, save_every=3, eval_every=100, d_hidden=16)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(draft, "save_head", interrupted)  # killed after its last resumable state
+    with pytest.raises(KeyboardInterrupt):
+        draft.train_draft_head(model, str(config), out, options, log=lambda *a: None)
+    assert (out / draft.STATE).is_file() and not (out / "draft_head.safetensors").exists()
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="--resume"):
+        draft.train_draft_head(model, str(config), out, options, log=lambda *a: None)
+    lines = []
+    draft.train_draft_head(model, str(config), out, options, resume=True, log=lines.append)
+    assert "resuming at step 3" in lines[1]
+    assert json.loads((out / "draft_head.json").read_text())["trained"]["steps"] == 4
