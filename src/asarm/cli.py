@@ -28,6 +28,7 @@ from .errors import ASARMError, InputError, LiteralMaskWarning
 # their real parsers are built only when the command is named (tests check the help texts match).
 LAZY_COMMANDS = {
     "train": ("train", "train or fine-tune an AS-ARM (the paper's joint objective)"),
+    "train-draft": ("train.draft", "train a draft head (draft=head) for a frozen model on its own data"),
     "eval": ("evaluation", "reproduce the paper's evaluations (wikitext, rocstories, humaneval-infilling)"),
     "bench": ("bench", "time the samplers side by side (JSON + markdown + PNG)"),
     "serve": ("serve", "OpenAI-compatible HTTP server with continuous batching and a playground"),

@@ -143,7 +143,8 @@ class FastPass:
         return f"fast pass ({self.kernel}, {str(self.dtype).removeprefix('torch.')})"
 
     @torch.no_grad()
-    def forward_rows(self, content_ids, content_pos, content_rank, query_pos, query_rank, cache=None, rel_table=None):
+    def forward_rows(self, content_ids, content_pos, content_rank, query_pos, query_rank, cache=None, rel_table=None,
+                     return_hidden=False):
         """Same arguments and result as ``ASARM.forward_rows`` (see there)."""
         model, n, dh = self.model, self.n_head, self.d_head
         geo = pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
@@ -190,8 +191,9 @@ class FastPass:
                 attn = attn * keyless
             x = F.layer_norm(layer.o(attn, residual=x), (x.shape[-1],), *layer.attn_norm)
             x = F.layer_norm(layer.ff_out(layer.ff_in(x), residual=x), (x.shape[-1],), *layer.ff_norm)
-        logits = self.head(rows.queries(x))
-        return rows.unpack_queries(logits, B, Q)
+        hidden = rows.queries(x)
+        logits = rows.unpack_queries(self.head(hidden), B, Q)
+        return (logits, rows.unpack_queries(hidden, B, Q)) if return_hidden else logits
 
 
 class _Rows:

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fastpass
+from . import draft_head, fastpass, storage
 from . import quantize as quant
-from . import storage
 from .config import ASARMConfig
 from .errors import CheckpointError, InputError
 from .ranks import NO_KEY, key_ranks, pass_geometry  # NO_KEY: the one "no key / padding" sentinel (ranks.py)
@@ -186,6 +185,8 @@ class Body(nn.Module):
 class ASARM(nn.Module):
     """Any-subset autoregressive model with an XLNet-compatible two-stream transformer."""
 
+    draft_head = None  # a draft_head.DraftHead (``draft="head"``), kept outside the model's state dict
+
     def __init__(self, config: ASARMConfig):
         super().__init__()
         self.config = config
@@ -323,8 +324,11 @@ class ASARM(nn.Module):
         query_rank: torch.Tensor,
         cache=None,
         rel_table: list[torch.Tensor] | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """One pass over new content rows and query rows; returns query-row logits [B, Q, V].
+        """One pass over new content rows and query rows; returns query-row logits [B, Q, V]
+        (with ``return_hidden``: (logits, the query rows' final states [B, Q, d_model]), which a
+        draft head reads).
 
         content_*: [B, N] (padding rows have rank ``NO_KEY``); query_*: [B, Q] (padding rows have
         rank 0 and see nothing). Without ``cache`` the keys are exactly this pass's content rows.
@@ -335,7 +339,7 @@ class ASARM(nn.Module):
         """
         if self._fast_pass is not None and not torch.is_grad_enabled():
             return self._fast_pass.forward_rows(content_ids, content_pos, content_rank, query_pos, query_rank,
-                                                cache, rel_table)
+                                                cache, rel_table, return_hidden)
         geo = pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
                             self.relative_table)
         B, N = geo.content_ids.shape
@@ -357,7 +361,8 @@ class ASARM(nn.Module):
             else:
                 keys, values = cache.write_layer(i, k_new, v_new)
             x = on_rows(layer.ff, rows, attn(x, keys, values, bias_parts, geo.rel_table[i], rows))
-        return on_rows(lambda t: self.lm_loss(self.dropout(t)), query_rows, x[:, N:])
+        logits = on_rows(lambda t: self.lm_loss(self.dropout(t)), query_rows, x[:, N:])
+        return (logits, x[:, N:]) if return_hidden else logits
 
     def chain_logits(self, input_ids: torch.Tensor, ranks: torch.Tensor, rel_table=None):
         """Every factor of the chain in one pass, with no cache (training, scoring, references).
@@ -449,7 +454,16 @@ class ASARM(nn.Module):
         model.use_fast_path(device.type == "cpu" if fast_path is None else fast_path)
         model.tokenizer = tokenizer
         model.name_or_path = str(directory)
+        if draft_head.has_head(directory):  # saved beside the model by `asarm train-draft`
+            model.attach_draft_head(draft_head.load_head(directory, model.config, device))
         return model
+
+    def attach_draft_head(self, head) -> None:
+        """Use ``head`` (a ``draft_head.DraftHead`` for this model) for ``draft="head"``. It stays
+        out of the model's parameters and state dict (it is saved and loaded on its own)."""
+        if head is not None:
+            draft_head.check_head(head.config, self.config, "draft head")
+        self.__dict__["draft_head"] = head
 
 
 def _with_mask_token(config: ASARMConfig, mask_token_id) -> ASARMConfig:

@@ -294,6 +294,8 @@ def run(args) -> int:
                 raise InputError("--text-file needs a model with a tokenizer")
             corpus = torch.tensor(encode(model.tokenizer, read_text_file(args.text_file)))
         variant = [c if quantize is None else dataclasses.replace(c, name=f"{c.name} [{quantize}]") for c in configs]
+        if getattr(model, "draft_head", None) is None:  # draft="head" configs need a trained head
+            variant = [c for c in variant if c.decode.draft != "head"]
         for r in run_bench(model, lengths, settings, variant, window=args.window, full=args.full, seed=args.seed,
                            corpus=corpus):
             r.update(quantize=quantize or "none", **floor_columns(model, r["seconds_per_pass"], bandwidth))

@@ -88,6 +88,8 @@ def run_from_args(args, model=None) -> dict:
         if args.shard is None and args.device is None and local_rank is not None and torch.cuda.is_available():
             args.device = f"cuda:{int(local_rank) % torch.cuda.device_count()}"  # torchrun: a GPU per process
         model = load_cli_model(args)
+    if args.speedups and getattr(model, "draft_head", None) is None:  # draft="head" needs `asarm train-draft`
+        configs = [c for c in configs if c.draft != "head"]
     task = _task_module(args.eval_task).build_task(model, args)
     out = Path(args.output) if args.output else default_output(args)
     if getattr(args, "hole_length", "oracle") != "oracle":  # holes of unknown length: evaluation/hole_length.py

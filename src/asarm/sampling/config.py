@@ -48,6 +48,11 @@ PROPOSERS: dict[str, ProposerInfo] = {
                           needs_pass=False),
     "one-pass": ProposerInfo(".proposers:OnePassDraft", "self-draft", "self drafts carried out of the oracle pass",
                              listed=False),
+    "head": ProposerInfo(".proposers:HeadDraft", "draft head", "a learned draft head over the draft pass's query "
+                         "states, each draft conditioned on the ones before it (asarm train-draft)",
+                         lookahead="head-one-pass"),
+    "head-one-pass": ProposerInfo(".proposers:OnePassHeadDraft", "draft head", "head drafts from the oracle pass's "
+                                  "lookahead queries", listed=False),
 }
 
 
@@ -203,7 +208,7 @@ def config_label(method: str, draft: str | None, k: int | None, variants=()) -> 
 
 def speedup_configs(k: int) -> list[DecodeConfig]:
     """Sequential, plain ASSD, each faster exact variant and their combination; then the
-    same with block verification."""
+    same with block verification; then the learned draft head (``head_configs``)."""
     return [
         DecodeConfig("sequential", k=1),
         DecodeConfig("assd", "self", k),
@@ -217,4 +222,15 @@ def speedup_configs(k: int) -> list[DecodeConfig]:
         DecodeConfig("assd", "self", k, verification="block"),
         DecodeConfig("assd", "self", k, one_pass=True, verification="block"),
         DecodeConfig("assd", "ngram", k, bonus=True, verification="block"),
+    ] + head_configs(k)
+
+
+def head_configs(k: int) -> list[DecodeConfig]:
+    """The learned draft head (a model needs one: ``asarm train-draft``): two-pass and one-pass
+    rounds, fixed and adaptive k."""
+    return [
+        DecodeConfig("assd", "head", k),
+        DecodeConfig("assd", "head", k, one_pass=True),
+        DecodeConfig("assd", "head", k, adaptive_k=True),
+        DecodeConfig("assd", "head", k, one_pass=True, adaptive_k=True),
     ]

@@ -25,6 +25,7 @@ from ..model import NO_KEY
 from ..ranks import decoding_order
 from .checks import check_row, resolve_seed, row_seed
 from .config import DecodeConfig
+from .drafts import HeadDrafter
 from .row import Outcome, Plan, RoundEvent, Row, SampleResult
 from .target import draw
 from .verification import Verdict, verify
@@ -140,6 +141,8 @@ class Engine:
         self.rel_table, self.table_span = None, 0
         self.joining, self.capacity = 0, 0  # rows added since the last pass; cache slots per row
         self.forward_seconds = self.step_seconds = 0.0
+        head = getattr(model, "draft_head", None)  # draft="head" (asarm.draft_head)
+        self.drafter = HeadDrafter(head, model) if head is not None else None
 
     @property
     def active(self) -> int:
@@ -172,7 +175,7 @@ class Engine:
             except ValueError as exc:
                 raise InputError(str(exc)) from None
         row = Row(tokens, row_order, config, config.target(cfg.mask_token_id), gen, self.device, cfg.vocab_size, on_round,
-                  constraint)
+                  constraint, self.drafter)
         handle = RowHandle(row, input_ids, return_logprobs)
         if row.done:
             handle.finished = time.perf_counter()
@@ -201,13 +204,17 @@ class Engine:
         self._grow()
         rows = [h.row for h in self.handles]
         plans = [row.plan(self.use_cache) for row in rows]
-        logits = self._forward(plans)
+        want_hidden = any(row.proposer is not None and row.proposer.needs_hidden for row in rows)
+        logits, hidden = self._forward(plans, want_hidden)
         probs = self._target_probs(rows, logits)
         forced = self._constrain(rows, plans, logits, probs)
         decisions = self._decide(rows, plans, probs)
         if forced:
             decisions.force(forced)
         outcomes = decisions.outcomes(plans, probs)
+        if hidden is not None:
+            for b, (plan, out) in enumerate(zip(plans, outcomes)):
+                out.hidden = hidden[b, : len(plan.queries)]
         kept = [row.advance(plan, out)[0] for row, plan, out in zip(rows, plans, outcomes)]
         if self.cache is not None:
             self.cache.commit(torch.tensor(kept))
@@ -223,7 +230,8 @@ class Engine:
         return finished
 
     # --- the pass -------------------------------------------------------------------------------
-    def _forward(self, plans: list[Plan]) -> torch.Tensor:
+    def _forward(self, plans: list[Plan], want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(query logits [B, Q, V], their final states [B, Q, d] when ``want_hidden``, else None)."""
         N = max(1, max(len(p.contents) for p in plans))
         Q = max(len(p.queries) for p in plans)
         # the padded [B, rows] layout built from Python lists in one tensor each (no per-row copies)
@@ -235,11 +243,13 @@ class Engine:
             self.timer.sync()
         start = time.perf_counter()
         logits = self.model.forward_rows(content[..., 1], content[..., 0], content[..., 2], query[..., 0],
-                                         query[..., 1], cache=self.cache, rel_table=self.rel_table)
+                                         query[..., 1], cache=self.cache, rel_table=self.rel_table,
+                                         return_hidden=want_hidden)
+        logits, hidden = logits if want_hidden else (logits, None)
         if self.timer is not None:
             self.timer.sync()
         self.forward_seconds += time.perf_counter() - start
-        return logits
+        return logits, hidden
 
     def _target_probs(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """[B, Q, V] target probabilities; rows with different options are done in groups."""

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import InputError
 from .config import PROPOSERS, DecodeConfig
-from .drafts import NgramDrafter
+from .drafts import HeadDrafter, NgramDrafter
 from .target import TargetDistribution, draw
 
 
@@ -37,6 +38,7 @@ class RowView:
     generator: torch.Generator  # the row's own random stream
     device: torch.device  # where the model (and the target probabilities) live
     vocab_size: int
+    drafter: HeadDrafter | None = None  # the model's draft head, bound to it (draft="head")
 
     @property
     def n_left(self) -> int:
@@ -64,9 +66,12 @@ class Drawn:
 
     tokens: list[int]
     probs: torch.Tensor  # [n, V]
+    hidden: torch.Tensor | None = None  # [n, d] the query rows' final states, for proposers that ask
 
 
 class Proposer:
+    needs_hidden = False  # the engine passes the query rows' final states (Drawn.hidden)
+
     def __init__(self, view: RowView, config: DecodeConfig):
         self.bonus = config.bonus
         # a block verdict looks at every draft, so drafts past the first rejection are no longer
@@ -84,11 +89,11 @@ class Proposer:
         """(query the position after the block, how many lookahead queries after that one)."""
         return self.bonus, 0
 
-    def carry(self, view: RowView, leftover: Block | None, checked: torch.Tensor, extra: Drawn) -> Block | None:
+    def carry(self, view: RowView, leftover: Block | None, checked: Drawn, extra: Drawn) -> Block | None:
         """The next block from an oracle pass: ``leftover`` are the drafts after a rejection
-        (None after a full accept), ``checked`` [len(leftover), V] the target distributions of
-        their verification queries (which saw the rejected draft), ``extra`` the draws of the
-        bonus and lookahead queries."""
+        (None after a full accept), ``checked`` the verification queries of their positions
+        (which saw the rejected draft; ``probs`` their target distributions), ``extra`` the
+        draws of the bonus and lookahead queries."""
         return None
 
     def observe(self, view: RowView, positions: list[int]) -> None:
@@ -131,6 +136,52 @@ class OnePassDraft(SelfDraft):
         parts = ([leftover.probs] if leftover else []) + [extra.probs]
         block = min(view.block_size, view.n_left)
         return Block(tokens[:block], torch.cat(parts)[:block])
+
+
+class HeadDraft(SelfDraft):
+    """A learned draft head (asarm.draft_head) over the draft pass's query states: the first draft
+    is the pass's exact conditional, each later one is drawn from the head given the drafts
+    before it. Proposals are the row's target distributions of the head's logits."""
+
+    needs_hidden = True
+
+    def __init__(self, view, config):
+        super().__init__(view, config)
+        if view.drafter is None:
+            raise InputError("draft='head' needs a draft head and this model has none: train one with "
+                             "`asarm train-draft MODEL` (saved beside the model, where load_model finds it)")
+
+    @staticmethod
+    def _previous(view) -> tuple[int, int | None]:
+        """The token the block follows in the order (mask id and None before any decoding)."""
+        if view.n_decoded == 0:
+            return view.target.mask_token_id, None
+        pos = view.order[view.n_decoded - 1]
+        return int(view.tokens[pos]), pos
+
+    def _draft(self, view, hidden, n, first=None) -> Block:
+        positions = list(view.order[view.n_decoded : view.n_decoded + n])
+        tokens, probs = view.drafter.draft(hidden[:n], positions, *self._previous(view), view.target,
+                                           view.generator, first)
+        return Block(tokens, probs, exact_first=first is not None)
+
+    def propose(self, view, block, drawn):
+        return self._draft(view, drawn.hidden, block, (drawn.tokens[0], drawn.probs[0]))
+
+
+class OnePassHeadDraft(HeadDraft):
+    """One-pass rounds with the head: the oracle pass's lookahead queries (and, after a
+    rejection, the verification queries of the untested positions) give the query states of
+    the next block, and the head drafts all of it, starting from the token just decoded."""
+
+    def oracle_extras(self, view, block):
+        return True, view.block_size - 1
+
+    def carry(self, view, leftover, checked, extra):
+        parts = ([checked.hidden] if leftover is not None else []) + [extra.hidden]
+        hidden = torch.cat(parts)
+        n = min(view.block_size, view.n_left, hidden.shape[0])
+        return self._draft(view, hidden, n) if n > 0 else None
 
 
 class NgramDraft(Proposer):

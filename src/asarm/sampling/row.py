@@ -76,6 +76,7 @@ class Outcome:
     next_token: int = -1  # replacement at the first rejection, or the bonus token, or -1
     next_prob: float = 0.0
     draft_prob: list[float] = dataclasses.field(default_factory=list)  # target prob of each draft
+    hidden: torch.Tensor | None = None  # [Q_row, d] the query rows' final states (proposers that ask)
 
 
 @dataclasses.dataclass
@@ -121,13 +122,14 @@ class SampleResult:
 
 class Row:
     def __init__(self, tokens, order, config, target, generator, device, vocab_size, on_round=None,
-                 constraint=None):
+                 constraint=None, drafter=None):
         self.tokens = tokens  # [L] CPU long; hidden positions hold the mask token until decoded
         self.constraint = constraint  # a RowConstraint (asarm.sampling.constraints), or None
         self.order = order.tolist() if constraint is None else constraint.reorder(order.tolist())
         self.n_hidden, self.n_decoded = len(self.order), 0
         self.config, self.target, self.generator = config, target, generator
         self.device, self.vocab_size = device, vocab_size
+        self.drafter = drafter  # the model's draft head (sampling.drafts.HeadDrafter), or None
         self.on_round = on_round
         self.known = torch.ones(tokens.shape[0], dtype=torch.bool)
         self.known[order] = False
@@ -147,7 +149,7 @@ class Row:
 
     def view(self) -> RowView:
         return RowView(self.order, self.n_decoded, self.block_size, self.tokens, self.known, self.target,
-                       self.generator, self.device, self.vocab_size)
+                       self.generator, self.device, self.vocab_size, self.drafter)
 
     def known_contents(self) -> list[Content]:
         """Every known token with its rank: the content rows of a full-recompute pass."""
@@ -208,7 +210,7 @@ class Row:
             return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
         if plan.kind == "draft":
             self.draft_calls += 1
-            self.block = self._fit(self.proposer.propose(self.view(), len(plan.queries), Drawn(out.drawn, out.probs)))
+            self.block = self._fit(self.proposer.propose(self.view(), len(plan.queries), Drawn(out.drawn, out.probs, out.hidden)))
             self.pending = []
             if len(self.block) == 1:  # one position left: its draft is the exact conditional
                 self.block = None
@@ -228,11 +230,13 @@ class Row:
         positions = self._decode(tokens, probs, self.order[self.n_decoded + j] if rejected else None)
         if not self.done:  # one-pass rounds: this pass also proposed the next block
             start = len(plan.queries) if plan.bonus_row < 0 else plan.bonus_row + (0 if rejected else 1)
-            extra = Drawn(out.drawn[start:], out.probs[start:])
+            hidden = out.hidden
+            extra = Drawn(out.drawn[start:], out.probs[start:], None if hidden is None else hidden[start:])
             # the verification rows of the drafts after the rejection: consecutive query rows (one
-            # per draft; only a first draft can go without), so a view, not an indexed copy
+            # per draft; only a first draft can go without), so views, not indexed copies
             after = plan.target_rows[j + 1 :] if rejected else []
-            checked = out.probs[after[0] : after[-1] + 1] if after else out.probs[:0]
+            rows = slice(after[0], after[-1] + 1) if after else slice(0, 0)
+            checked = Drawn([], out.probs[rows], None if hidden is None else hidden[rows])
             self.block = self._fit(self.proposer.carry(self.view(), block.tail(j + 1) if rejected else None, checked,
                                                        extra))
         return commit, positions

@@ -1,0 +1,287 @@
+"""The learned draft head (``asarm.draft_head``, ``draft="head"``) keeps ASSD exact, trains, saves
+and loads.
+
+- G-tests against the enumerated joint of tiny models (the suite's `transformers` reference,
+  tests/exact.py) with a random head that disagrees strongly with the model: two-pass and
+  one-pass rounds, k in {2, 3}, two temperatures, top-k, adaptive k. A negative control that
+  must fail: a head drafter that draws from its head but reports the self-draft's marginal as
+  the proposal.
+- Greedy head drafting equals greedy sequential decoding token for token.
+- ``asarm train-draft`` runs end to end on a tiny model with a tokenizer and saves a head that
+  ``load_model`` picks up; heads that do not match their model, corrupt files and models
+  without a head fail with clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from asarm.draft_head import DraftHead, DraftHeadConfig, load_head, save_head
+from asarm.errors import CheckpointError, InputError
+from asarm.sampling import sample
+from asarm.sampling.drafts import HeadDrafter
+from conftest import tiny_model
+from exact import exact_joint, g_test, stable_seed
+from test_block_verification import LONG_INPUT, LONG_MASKED, SMALL
+from test_exactness import INPUT, MASKED, draws, reference
+
+ALPHA = 1e-3
+N_SAMPLES = 3000
+
+
+def random_head(model, seed: int = 0, scale: float = 0.7) -> DraftHead:
+    """A head whose drafts differ a lot from the model's marginals (and from its conditionals)."""
+    torch.manual_seed(seed)
+    head = DraftHead(DraftHeadConfig(model.config.d_model, model.config.vocab_size, d_hidden=16))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, scale)
+    return head.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model(seed=3)
+    m.attach_draft_head(random_head(m))
+    return m
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    m = tiny_model(seed=5, **SMALL)
+    m.attach_draft_head(random_head(m, seed=1))
+    return m
+
+
+@pytest.fixture(scope="module")
+def long_joints(small_model):
+    hidden = torch.nonzero(LONG_MASKED).flatten().tolist()
+    return {t: exact_joint(small_model, LONG_INPUT, LONG_MASKED, hidden, t) for t in (0.6, 1.0)}
+
+
+TWO_PASS = [(2, 0.6), (3, 1.0)]
+
+
+@pytest.mark.parametrize("k,temperature", TWO_PASS, ids=[f"k{k}-T{t}" for k, t in TWO_PASS])
+def test_head_drafts_match_exact_joint(model, k, temperature):
+    result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), draft="head", k=k,
+                    temperature=temperature, seed=stable_seed("head", k, temperature))
+    _, p = g_test(draws(result, MASKED), reference(model, temperature, "left-to-right"))
+    assert p > ALPHA, f"head k={k} T={temperature}: G-test p={p:.2e}"
+
+
+def test_head_drafts_in_random_order_match_exact_joint(model):
+    result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), draft="head", k=3,
+                    order="random", bonus=True, seed=stable_seed("head-random"))
+    _, p = g_test(draws(result, MASKED), reference(model, 1.0, "random"))
+    assert p > ALPHA
+
+
+ONE_PASS = [(dict(k=2), 1.0), (dict(k=3), 0.6), (dict(k=2, adaptive_k=True), 1.0)]
+
+
+@pytest.mark.parametrize("options,temperature", ONE_PASS,
+                         ids=[f"{'-'.join(f'{a}{b}' for a, b in o.items())}-T{t}" for o, t in ONE_PASS])
+def test_one_pass_head_drafts_match_exact_joint(small_model, long_joints, options, temperature):
+    result = sample(small_model, LONG_INPUT.repeat(N_SAMPLES, 1), LONG_MASKED.repeat(N_SAMPLES, 1), draft="head",
+                    one_pass=True, temperature=temperature, seed=stable_seed("head-one-pass", *options.items(),
+                                                                             temperature), **options)
+    _, p = g_test(draws(result, LONG_MASKED), long_joints[temperature])
+    assert p > ALPHA, f"one-pass head {options} T={temperature}: G-test p={p:.2e}"
+
+
+def _top_k_joint(model, input_ids, masked, k, temperature):
+    def truncate(logits):
+        x = logits / temperature
+        kth = torch.topk(x, k, dim=-1).values[..., -1:]
+        return x.masked_fill(x < kth, -float("inf"))
+
+    return exact_joint(model, input_ids, masked, torch.nonzero(masked).flatten().tolist(), transform=truncate)
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_head_with_top_k_matches_exact_joint(small_model, one_pass):
+    joint = _top_k_joint(small_model, LONG_INPUT, LONG_MASKED, 2, 0.8)
+    result = sample(small_model, LONG_INPUT.repeat(N_SAMPLES, 1), LONG_MASKED.repeat(N_SAMPLES, 1), draft="head",
+                    one_pass=one_pass, k=3, temperature=0.8, top_k=2, seed=stable_seed("head-topk", one_pass))
+    _, p = g_test(draws(result, LONG_MASKED), joint)
+    assert p > ALPHA
+
+
+def test_negative_control_wrong_proposal_fails(small_model, long_joints, monkeypatch):
+    """Drafts drawn from the head but reported as drawn from the self-draft's marginal (the
+    pass's own distribution): verification then corrects the wrong thing and the joint is off."""
+    original = HeadDrafter.draft
+
+    def wrong(self, hidden, positions, prev_token, prev_pos, target, generator, first=None):
+        tokens, probs = original(self, hidden, positions, prev_token, prev_pos, target, generator, first)
+        marginal = target.probs(hidden[: len(tokens)].float() @ self.embedding.T + self.bias)
+        if first is not None:
+            marginal[0] = probs[0]
+        return tokens, marginal.to(probs)
+
+    monkeypatch.setattr(HeadDrafter, "draft", wrong)
+    result = sample(small_model, LONG_INPUT.repeat(N_SAMPLES, 1), LONG_MASKED.repeat(N_SAMPLES, 1), draft="head",
+                    one_pass=True, k=3, seed=stable_seed("head-negative"))
+    _, p = g_test(draws(result, LONG_MASKED), long_joints[1.0])
+    assert p < 1e-6, f"a wrong proposal was not detected (p={p:.2e})"
+
+
+def test_greedy_head_equals_greedy_sequential():
+    wide = tiny_model(seed=2, vocab_size=40, d_model=32)
+    wide.attach_draft_head(random_head(wide, seed=4, scale=0.3))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 40, (4, 20), generator=g)
+    ids[ids == 6] = 7
+    masked = torch.rand(4, 20, generator=g) < 0.8
+    for order in ("left-to-right", "random"):
+        expected = sample(wide, ids, masked, method="sequential", greedy=True, order=order, seed=1).input_ids
+        for options in (dict(k=5), dict(k=3, one_pass=True), dict(k=3, one_pass=True, adaptive_k=True),
+                        dict(k=4, bonus=True, verification="block")):
+            res = sample(wide, ids, masked, greedy=True, order=order, seed=1, draft="head", **options)
+            assert torch.equal(res.input_ids, expected), (order, options)
+
+
+def test_same_seed_same_tokens(model):
+    ids, masked = INPUT.repeat(4, 1), MASKED.repeat(4, 1)
+    a = sample(model, ids, masked, draft="head", one_pass=True, k=2, seed=11).input_ids
+    b = sample(model, ids, masked, draft="head", one_pass=True, k=2, seed=11).input_ids
+    assert torch.equal(a, b)
+
+
+def test_untrained_head_drafts_the_self_drafts_distribution():
+    """The head's correction starts at zero: an untrained head proposes the pass's own marginal."""
+    m = tiny_model(seed=3)
+    head = DraftHead(DraftHeadConfig(m.config.d_model, m.config.vocab_size, d_hidden=16)).eval()
+    m.attach_draft_head(head)
+    drafter = HeadDrafter(head, m)
+    hidden = torch.randn(3, m.config.d_model)
+    target = __import__("asarm.sampling.config", fromlist=["DecodeConfig"]).DecodeConfig().target(6)
+    _, probs = drafter.draft(hidden, [2, 3, 4], 1, 1, target, torch.Generator().manual_seed(0))
+    expected = target.probs(hidden @ m.transformer.word_embedding.weight.T + m.lm_loss.bias)
+    torch.testing.assert_close(probs, expected)
+
+
+# --- files and errors ----------------------------------------------------------------------------
+def test_model_without_head_is_a_clear_error():
+    m = tiny_model(seed=3)
+    with pytest.raises(InputError, match="train-draft"):
+        sample(m, INPUT, MASKED, draft="head", seed=0)
+
+
+def test_mismatched_and_corrupt_heads(tmp_path):
+    m = tiny_model(seed=3)
+    with pytest.raises(CheckpointError, match="d_model"):
+        m.attach_draft_head(DraftHead(DraftHeadConfig(m.config.d_model + 8, m.config.vocab_size)))
+    save_head(DraftHead(DraftHeadConfig(m.config.d_model, m.config.vocab_size + 1, d_hidden=8)), tmp_path)
+    with pytest.raises(CheckpointError, match="vocab_size"):
+        load_head(tmp_path, m.config)
+    save_head(random_head(m), tmp_path)
+    assert load_head(tmp_path, m.config).config.d_hidden == 16
+    (tmp_path / "draft_head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_head(tmp_path, m.config)
+    (tmp_path / "draft_head.json").write_text(json.dumps({"d_model": 16}))
+    with pytest.raises(CheckpointError, match="not an asarm draft-head config"):
+        load_head(tmp_path, m.config)
+
+
+def _tiny_recipe(tmp_path):
+    """A tiny model with a tokenizer saved in tmp_path/model, and a training config (its recipe)."""
+    from asarm.data import load_documents
+    from asarm.tokenization import train_tokenizer
+    from test_train import corpus_text
+
+    data = tmp_path / "docs"
+    data.mkdir()
+    for i, doc in enumerate(corpus_text().split("\n\n")):
+        (data / f"{i:03d}.txt").write_text(doc + "\n")
+    tokenizer = train_tokenizer(load_documents(data), 300, kind="text")
+    model = tiny_model(seed=1, vocab_size=len(tokenizer), d_model=32, max_length=32,
+                       mask_token_id=tokenizer.mask_token_id)
+    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"data": [str(data)], "valid_fraction": 0.2, "seq_len": 32, "tokenizer_kind": "text",
+                                  "init_from": str(tmp_path / "model")}))  # a training config: the data recipe
+    return tokenizer, config
+
+
+def test_train_draft_end_to_end(tmp_path, capsys):
+    from asarm.checkpoint import load_model
+    from asarm.cli import main
+
+    tokenizer, config = _tiny_recipe(tmp_path)
+    argv = ["train-draft", str(tmp_path / "model"), "--config", str(config), "--steps", "3", "--batch-size", "4",
+            "--dtype", "fp32", "--threads", "1"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["trained"]["steps"] == 3 and report["d_model"] == 32
+    loaded = load_model(tmp_path / "model", device="cpu")
+    assert loaded.draft_head is not None and not (tmp_path / "model" / "draft_head.train.pt").exists()
+    ids = torch.tensor(tokenizer("the cat sat on the mat and the dog")["input_ids"][:20])
+    masked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.7
+    for one_pass in (False, True):
+        out = sample(loaded, ids, masked, draft="head", one_pass=one_pass, k=3, seed=0)
+        assert not (out.input_ids == loaded.config.mask_token_id).any()
+    # an unfinished run is not silently overwritten
+    (tmp_path / "model" / "draft_head.train.pt").write_bytes(b"")
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_return_hidden_is_what_the_lm_head_reads_fast_and_eager():
+    m = tiny_model(seed=3)
+    ids = INPUT[None]
+    pos = torch.arange(ids.shape[1])[None]
+    ranks = torch.where(MASKED, 0, 0)[None]  # every token visible to every query (rank 0 keys)
+    queries, qrank = torch.tensor([[2, 3, 5]]), torch.ones(1, 3, dtype=torch.long)
+    results = []
+    for fast in (False, True):
+        m.use_fast_path(fast)
+        with torch.no_grad():
+            logits, hidden = m.forward_rows(ids, pos, ranks, queries, qrank, return_hidden=True)
+            assert torch.equal(logits, m.forward_rows(ids, pos, ranks, queries, qrank))
+        torch.testing.assert_close(logits, m.lm_loss(hidden))
+        results.append(hidden)
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_bf16_model_drafts_through_its_bf16_lm_head_and_stays_exact_in_greedy():
+    wide = tiny_model(seed=2, vocab_size=40, d_model=32).to(torch.bfloat16)
+    wide.attach_draft_head(random_head(wide, seed=4, scale=0.3))
+    assert HeadDrafter(wide.draft_head, wide).bf16_readout
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 40, (3, 16), generator=g)
+    ids[ids == 6] = 7
+    masked = torch.rand(3, 16, generator=g) < 0.8
+    expected = sample(wide, ids, masked, method="sequential", greedy=True, seed=1).input_ids
+    for options in (dict(k=4), dict(k=3, one_pass=True)):
+        assert torch.equal(sample(wide, ids, masked, greedy=True, seed=1, draft="head", **options).input_ids, expected)
+
+
+def test_train_draft_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    from asarm.checkpoint import load_model
+    from asarm.train import draft
+
+    _, config = _tiny_recipe(tmp_path)
+    model = load_model(tmp_path / "model", device="cpu")
+    out = tmp_path / "head"
+    options = draft.DraftTrainOptions(steps=4, batch_size=4, save_every=3, eval_every=100, d_hidden=16)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(draft, "save_head", interrupted)  # killed after its last resumable state
+    with pytest.raises(KeyboardInterrupt):
+        draft.train_draft_head(model, str(config), out, options, log=lambda *a: None)
+    assert (out / draft.STATE).is_file() and not (out / "draft_head.safetensors").exists()
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="--resume"):
+        draft.train_draft_head(model, str(config), out, options, log=lambda *a: None)
+    lines = []
+    draft.train_draft_head(model, str(config), out, options, resume=True, log=lines.append)
+    assert "resuming at step 3" in lines[1]
+    assert json.loads((out / "draft_head.json").read_text())["trained"]["steps"] == 4
