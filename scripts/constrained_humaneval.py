@@ -42,7 +42,7 @@ from asarm.tokenization import decode  # noqa: E402
 
 MODES = ("free", "constrained")
 CHUNK = 100
-KEEP_AUTOMATA = 8
+KEEP_AUTOMATA = 4  # up to ~300 MB each (dicts of ~400 states x ~7,000 tokens)
 
 
 def compiles(program: str) -> bool:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             problem = e.info["problem"]
             key = json.dumps(shape_key(e))
             if key not in automata and not args.report_only:
-                if len(automata) >= KEEP_AUTOMATA:  # a few hundred MB each at most: keep the newest
+                if len(automata) >= KEEP_AUTOMATA:  # drop the oldest
                     del automata[next(iter(automata))]
                 automata[key] = line_automaton(problem["prompt"], problem["suffix"], vocabulary,
                                                model.config.vocab_size, excluded)
