@@ -367,3 +367,22 @@ def test_server_constraints():
                      {"text": "a [MASK:1] b", "constraints": {"0": {"choice": [" a b c d e f g h"]}}}):
             r = client.post("/v1/infill", json=body)
             assert r.status_code == 400, r.text
+
+
+def test_json_options_name_the_option_and_what_to_give(tmp_path):
+    """One helper parses --constraints, --defaults (batch) and --length-prior; its errors stay specific."""
+    from asarm.cli_args import json_option
+
+    spec = tmp_path / "constraints.json"
+    spec.write_text('{"0": {"regex": "[0-9]+"}}')
+    assert json_option(str(spec), "--constraints", "an object", source="inline-or-file") == {"0": {"regex": "[0-9]+"}}
+    assert json_option('{"k": 2}', "--defaults", "an object") == {"k": 2}
+    assert json_option("[0.5, 0.5]", "--length-prior", "weights", types=(dict, list)) == [0.5, 0.5]
+    for args, kwargs, message in [
+        (("{oops", "--constraints", "an object"), dict(source="inline-or-file"), "--constraints is not valid JSON"),
+        (("[1]", "--defaults", "a JSON object of body fields"), {}, "--defaults must be a JSON object of body fields"),
+        ((str(tmp_path / "none.json"), "--length-prior", "weights"), dict(source="file"), "--length-prior: cannot read"),
+        (("[" * 100_000, "--defaults", "an object"), {}, "nested too deeply"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            json_option(*args, **kwargs)
