@@ -81,10 +81,19 @@ def summarize(records: list[dict]) -> dict:
         }
     free = {r["index"]: r for r in records if r["mode"] == "free"}
     both = [(free[r["index"]], r) for r in records if r["mode"] == "constrained" and r["index"] in free]
-    out["paired"] = {"tasks": len(both),
-                     "passed_only_constrained": sum(c["passed"] and not f["passed"] for f, c in both),
-                     "passed_only_free": sum(f["passed"] and not c["passed"] for f, c in both)}
+    out["paired"] = {"tasks": len(both)}
+    for field in ("passed", "compiles", "exact_match"):
+        only_constrained = sum(c[field] and not f[field] for f, c in both)
+        only_free = sum(f[field] and not c[field] for f, c in both)
+        out["paired"][field] = {"only_constrained": only_constrained, "only_free": only_free,
+                                "mcnemar_p": mcnemar(only_constrained, only_free)}
     return out
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of b vs c discordant pairs (a binomial test at 1/2)."""
+    n = b + c
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
 
 
 def markdown(summary: dict, meta: dict) -> str:
@@ -102,9 +111,11 @@ def markdown(summary: dict, meta: dict) -> str:
                      f"| {pct(s['program_compiles'])} | {pct(s['line_is_plausible'])} | {pct(s['constraint_applied'])} "
                      f"| {s['passes_per_token']:.3f} |")
     p = summary["paired"]
-    lines += ["", f"Paired over {p['tasks']} tasks: {p['passed_only_constrained']} pass only with the constraint, "
-              f"{p['passed_only_free']} only without. Reference lines the constraint admits: "
-              f"{meta['reference_admitted']} of {meta['tasks']}.", ""]
+    lines += ["", f"Paired over {p['tasks']} tasks (only with the constraint / only without, exact McNemar p):"]
+    for field in ("passed", "compiles", "exact_match"):
+        q = p[field]
+        lines.append(f"- {field.replace('_', ' ')}: {q['only_constrained']} / {q['only_free']}, p = {q['mcnemar_p']:.2g}")
+    lines += ["", f"Reference lines the constraint admits: {meta['reference_admitted']} of {meta['tasks']}.", ""]
     return "\n".join(lines)
 
 
