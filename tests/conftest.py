@@ -52,6 +52,28 @@ def hf_reference(model: ASARM):
     return hf.to(model.dtype)
 
 
+# A byte-level tokenizer of 300 ids trained on a tiny corpus (prose, code, numbers and colours,
+# so text and constraint tests find words, digits and indentation in it), and a tiny random
+# model of its vocabulary: the text-level tests' pair (tests/test_text.py, test_constraints.py).
+TINY_CORPUS = (
+    "Once upon a time there was a small cat. The cat sat on the warm mat and purred.\n"
+    "def add(a, b):\n    return a + b\n\n"
+    "The year 1984 was cold. Colors: red, blue, green. id = foo_bar2; x = 42\n"
+) * 10
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from asarm.tokenization import train_tokenizer
+
+    return train_tokenizer([TINY_CORPUS], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model300() -> ASARM:
+    return tiny_model(seed=7, vocab_size=300)
+
+
 @pytest.fixture
 def model() -> ASARM:
     return tiny_model()

@@ -24,7 +24,6 @@ from asarm.errors import InputError
 from asarm.sampling import sample
 from asarm.sampling.constraints import HoleConstraint
 from asarm.text.constraints import compile_regex, compile_spec, escape_regex, token_bytes
-from asarm.tokenization import train_tokenizer
 from exact import chain_logits_reference, g_test, stable_seed
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -132,14 +131,25 @@ SAMPLERS = {
 }
 
 
-@pytest.mark.parametrize("order_name", ["left-to-right", "permutation", "random"])
-@pytest.mark.parametrize("name", list(SAMPLERS))
+# every sampler left to right; the other orders with the samplers whose rounds differ most
+ORDER_CASES = [(name, "left-to-right") for name in SAMPLERS] + [
+    (name, order) for order in ("permutation", "random") for name in ("sequential", "self-k3-bonus", "one-pass-k3",
+                                                                       "ngram-k3")]
+
+
+@pytest.mark.parametrize("name, order_name", ORDER_CASES)
 def test_constrained_sampler_matches_constrained_chain(model, name, order_name):
-    if order_name != "left-to-right" and name not in ("sequential", "self-k3-bonus", "one-pass-k3", "ngram-k3"):
-        pytest.skip("orders are covered by a subset of samplers")
     result = run(model, order_name, seed=stable_seed("constrained", name, order_name), **SAMPLERS[name])
     _, p = g_test(draws(result.input_ids), reference(model, order_name))
     assert p > ALPHA, f"{name}/{order_name}: G-test p={p:.2e}"
+
+
+@pytest.mark.parametrize("name", ["sequential", "self-k3-bonus", "one-pass-k3"])
+def test_constrained_full_recompute_matches_constrained_chain(model, name):
+    """cache=False (every pass recomputes the whole sequence): the same constrained chain."""
+    result = run(model, "random", seed=stable_seed("constrained-no-cache", name), cache=False, **SAMPLERS[name])
+    _, p = g_test(draws(result.input_ids), reference(model, "random"))
+    assert p > ALPHA, f"{name}, cache=False: G-test p={p:.2e}"
 
 
 @pytest.mark.parametrize("options", [dict(temperature=0.6), dict(top_k=3)], ids=["T0.6", "topk3"])
@@ -227,21 +237,9 @@ def test_masks_equal_brute_force(regex):
 
 
 # --- always matched: 1,000 randomized cases -----------------------------------------------------
-CORPUS = ("The year 1984 was cold. Colors: red, blue, green. id = foo_bar2; x = 42\n"
-          "Once upon a time there was a small cat. The cat sat on the warm mat.\n") * 10
 REGEXES = [r" ?[0-9]{1,4}", r" (red|blue|green)", r"[a-z_]+[0-9]?", r" [A-Z][a-z]*", r"( cat| mat)+", r"[^\n]*",
            r" ?(yes|no)", r"[0-9]+(\.[0-9][0-9])?", r" [a-z]+( [a-z]+)*"]
 CHOICES = [[" red", " blue", " green"], ["cat", "dog"], [" 1984", " 42", " x = 42"]]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer([CORPUS], vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model300():
-    return tiny_model(seed=7, vocab_size=300)
 
 
 def test_thousand_random_cases_always_match(tok, model300):
@@ -369,3 +367,22 @@ def test_server_constraints():
                      {"text": "a [MASK:1] b", "constraints": {"0": {"choice": [" a b c d e f g h"]}}}):
             r = client.post("/v1/infill", json=body)
             assert r.status_code == 400, r.text
+
+
+def test_json_options_name_the_option_and_what_to_give(tmp_path):
+    """One helper parses --constraints, --defaults (batch) and --length-prior; its errors stay specific."""
+    from asarm.cli_args import json_option
+
+    spec = tmp_path / "constraints.json"
+    spec.write_text('{"0": {"regex": "[0-9]+"}}')
+    assert json_option(str(spec), "--constraints", "an object", source="inline-or-file") == {"0": {"regex": "[0-9]+"}}
+    assert json_option('{"k": 2}', "--defaults", "an object") == {"k": 2}
+    assert json_option("[0.5, 0.5]", "--length-prior", "weights", types=(dict, list)) == [0.5, 0.5]
+    for args, kwargs, message in [
+        (("{oops", "--constraints", "an object"), dict(source="inline-or-file"), "--constraints is not valid JSON"),
+        (("[1]", "--defaults", "a JSON object of body fields"), {}, "--defaults must be a JSON object of body fields"),
+        ((str(tmp_path / "none.json"), "--length-prior", "weights"), dict(source="file"), "--length-prior: cannot read"),
+        (("[" * 100_000, "--defaults", "an object"), {}, "nested too deeply"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            json_option(*args, **kwargs)

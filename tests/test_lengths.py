@@ -243,7 +243,7 @@ def test_cli_stop_at_and_errors(capsys, tmp_path):
         (["The [MASK] sat.", "--stop-at", "\\n"], "stop_at applies to a hole of unknown length at the end"),
         (["The [MASK:10^30] sat."], "whole number of tokens"),
         (["The [MASK:1-9999999999999] sat."], "far beyond"),
-        (["The [MASK] sat.", "--length-prior", str(tmp_path / "none.json")], "cannot read the length prior"),
+        (["The [MASK] sat.", "--length-prior", str(tmp_path / "none.json")], "--length-prior: cannot read"),
         (["The [MASK] sat.", "--max-hole", "0"], "max_hole must be an integer >= 1"),
     ]:
         code, out, err = run_cli(capsys, "infill", *argv)

@@ -13,23 +13,7 @@ import asarm.sampling
 from asarm.errors import InputError
 from asarm.text import parse_scored_text
 from asarm.text import Hole, fill_text, infill, parse_infill, parse_markup, split_markup, stream_infill
-from asarm.tokenization import decode, decode_text, encode, train_tokenizer
-
-CORPUS = (
-    "Once upon a time there was a small cat. The cat sat on the warm mat and purred.\n"
-    "def add(a, b):\n    return a + b\n\n"
-) * 10
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer([CORPUS], vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model300():
-    return tiny_model(seed=7, vocab_size=300)
-
+from asarm.tokenization import decode, decode_text, encode
 
 # --- markup -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, parts", [

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .cli_args import (CORPUS_BYTES, SHIPPED_DIR, THREADS_ENV, add_model_arguments, add_sampling_arguments,
-                       add_threads_argument, apply_threads, check_device_name, check_sampling_bounds,
+                       add_threads_argument, apply_threads, check_device_name, check_sampling_bounds, json_option,
                        load_cli_model, read_text, resolve_threads, sampling_options)
 from .config import QUANTIZATIONS
 from .errors import ASARMError, InputError, LiteralMaskWarning
@@ -85,25 +85,17 @@ def print_lengths(result) -> None:
 
 def length_options(args) -> dict:
     """Options for holes of unknown length (asarm.text.infill)."""
-    import json
-
     prior = None
     if getattr(args, "length_prior", None):
-        try:
-            with open(args.length_prior, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
-            raise InputError(f"cannot read the length prior {args.length_prior}: "
-                             f"{'nested too deeply' if isinstance(exc, RecursionError) else exc}") from None
+        raw = json_option(args.length_prior, "--length-prior", 'a JSON list of weights (lengths 1, 2, ...) or an '
+                          'object {length: weight}, e.g. {"3": 0.5}', source="file", types=(dict, list))
         if isinstance(raw, dict):
             try:
                 prior = {int(k): float(v) for k, v in raw.items()}
             except (TypeError, ValueError):
                 raise InputError(f"{args.length_prior}: a length prior maps lengths to weights, e.g. {{\"3\": 0.5}}") from None
-        elif isinstance(raw, list):
-            prior = raw
         else:
-            raise InputError(f"{args.length_prior}: give a JSON list of weights (lengths 1, 2, ...) or an object")
+            prior = raw
     stop = getattr(args, "stop_at", None)
     if stop is not None:
         stop = {"newline": "\n", "eos": "</s>"}.get(stop, stop.replace("\\n", "\n").replace("\\t", "\t"))
@@ -120,14 +112,8 @@ def constraint_options(items, raw) -> dict:
     """{hole: spec} from ``--constraint HOLE:KIND:VALUE`` (repeatable) and ``--constraints JSON|FILE``."""
     out: dict = {}
     if raw is not None:
-        text = Path(raw).read_text(encoding="utf-8") if not raw.lstrip().startswith("{") and Path(raw).is_file() else raw
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--constraints: not valid JSON ({exc}); give {{\"0\": {{\"regex\": \"...\"}}}} or a file") from None
-        if not isinstance(parsed, dict):
-            raise InputError("--constraints: give a JSON object {hole index: spec}")
-        out.update(parsed)
+        out.update(json_option(raw, "--constraints", 'a JSON object {hole index: spec}, e.g. {"0": {"regex": "[0-9]+"}}, '
+                               "or a file holding one", source="inline-or-file"))
     for item in items or ():
         hole_index, sep, rest = item.partition(":")
         kind, sep2, value = rest.partition(":")

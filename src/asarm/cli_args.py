@@ -196,3 +196,34 @@ def _check_text(text: str, where: str) -> str:
     if "\x00" in text:
         raise InputError(f"{where} contains NUL bytes: it looks like a binary file, not text")
     return text
+
+
+def json_option(value: str, option: str, expected: str, *, source: str = "inline", types: tuple = (dict,)):
+    """The JSON value of a command-line option, one error per way it can be wrong, each naming
+    the option and what to give (``expected``, e.g. 'a JSON object {hole index: spec}').
+
+    source: "inline" (the option's value is the JSON), "file" (it names a file holding the JSON)
+    or "inline-or-file" (a value that does not start with '{' or '[' and names a file is read).
+    types: the JSON types accepted (dict, list)."""
+    import json
+
+    where, text = option, value
+    is_file = source == "file" or (source == "inline-or-file" and not value.lstrip().startswith(("{", "["))
+                                   and Path(value).is_file())
+    if is_file:
+        where = f"{option} {value}"
+        try:
+            with open(value, "rb") as f:
+                text = _decode_text(_capped(f.read(MAX_INPUT_BYTES + 1), value, MAX_INPUT_BYTES), value)
+        except OSError as exc:
+            raise InputError(f"{option}: cannot read {value}: {exc.strerror or exc}") from None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); "
+                         f"give {expected}") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise InputError(f"{where}: the JSON is nested too deeply; give {expected}") from None
+    if not isinstance(parsed, types):
+        raise InputError(f"{where} must be {expected}, got a JSON {type(parsed).__name__}")
+    return parsed

@@ -134,13 +134,9 @@ def parse_defaults(text: str | None) -> dict:
     """``--defaults``: a JSON object of body fields."""
     if text is None:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--defaults is not valid JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise InputError("--defaults must be a JSON object of body fields, e.g. '{\"seed\": 0, \"k\": 5}'")
-    return value
+    from ..cli_args import json_option
+
+    return json_option(text, "--defaults", "a JSON object of body fields, e.g. '{\"seed\": 0, \"k\": 5}'")
 
 
 def output_line(custom_id: str, status_code: int | None, body: dict | None, error: dict | None = None) -> dict:
