@@ -259,12 +259,18 @@ def test_one_pass_block_verification_carries_exactly(small_model, long_joint, op
     assert p > ALPHA, f"{options}: G-test p={p:.2e}"
 
 
-def test_greedy_block_verified_assd_equals_greedy_sequential():
+def greedy_case():
+    """A wider tiny model (40 tokens) and 4 rows of 20 tokens, 80% hidden: greedy ASSD variants
+    must reproduce greedy sequential decoding on it token for token."""
     wide = tiny_model(seed=2, vocab_size=40, d_model=32)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 40, (4, 20), generator=g)
-    ids[ids == 6] = 7
-    masked = torch.rand(4, 20, generator=g) < 0.8
+    ids[ids == 6] = 7  # 6 is the mask token
+    return wide, ids, torch.rand(4, 20, generator=g) < 0.8
+
+
+def test_greedy_block_verified_assd_equals_greedy_sequential():
+    wide, ids, masked = greedy_case()
     for order in ("left-to-right", "random"):
         expected = sample(wide, ids, masked, method="sequential", greedy=True, order=order, seed=1).input_ids
         for options in (dict(k=5), dict(k=5, one_pass=True), dict(k=3, one_pass=True, adaptive_k=True),

@@ -25,7 +25,7 @@ from asarm.sampling import sample
 from asarm.sampling.drafts import HeadDrafter
 from conftest import tiny_model
 from exact import exact_joint, g_test, stable_seed
-from test_block_verification import LONG_INPUT, LONG_MASKED, SMALL
+from test_block_verification import LONG_INPUT, LONG_MASKED, SMALL, greedy_case
 from test_exactness import INPUT, MASKED, draws, reference
 
 ALPHA = 1e-3
@@ -131,12 +131,8 @@ def test_negative_control_wrong_proposal_fails(small_model, long_joints, monkeyp
 
 
 def test_greedy_head_equals_greedy_sequential():
-    wide = tiny_model(seed=2, vocab_size=40, d_model=32)
+    wide, ids, masked = greedy_case()
     wide.attach_draft_head(random_head(wide, seed=4, scale=0.3))
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 40, (4, 20), generator=g)
-    ids[ids == 6] = 7
-    masked = torch.rand(4, 20, generator=g) < 0.8
     for order in ("left-to-right", "random"):
         expected = sample(wide, ids, masked, method="sequential", greedy=True, order=order, seed=1).input_ids
         for options in (dict(k=5), dict(k=3, one_pass=True), dict(k=3, one_pass=True, adaptive_k=True),
