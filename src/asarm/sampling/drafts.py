@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..draft_head import MAX_GAP, head_readout
+from ..fastpass import PackedLinear, choose_kernel
 from .target import draw
 
 
@@ -71,11 +72,20 @@ class HeadDrafter:
         if self.bf16_readout:
             self.readout_weight = model.transformer.word_embedding.weight.detach()
             self.readout_bias = model.lm_loss.bias.detach().to(torch.bfloat16)
+            # On CPUs with native bf16, linear runs oneDNN and repacks the weight on every call:
+            # packed once, as the fast pass packs its own LM head, one row reads out faster with
+            # the same logits at the shipped models' shapes, so the same draws (checked against
+            # the code before, docs/performance.md; scripts/host_work_bench.py times it).
+            # Elsewhere linear stays (another kernel could round differently: other draws).
+            packed = choose_kernel(model.device, torch.bfloat16) == "onednn"
+            self.packed_readout = PackedLinear(self.readout_weight, self.readout_bias, "onednn") if packed else None
         self.embedding, self.bias = head_readout(model)
         self.mask_token_id = model.config.mask_token_id
 
     def _readout(self, out: torch.Tensor) -> torch.Tensor:
         if self.bf16_readout:
+            if self.packed_readout is not None:
+                return self.packed_readout(out.to(torch.bfloat16))
             return torch.nn.functional.linear(out.to(torch.bfloat16), self.readout_weight, self.readout_bias)
         return out @ self.embedding.T + self.bias
 
@@ -99,6 +109,7 @@ class HeadDrafter:
         gaps = [0 if p is None else min(max(pos - p, 0), MAX_GAP - 1)
                 for pos, p in zip(positions, [prev_pos, *positions[:-1]])]
         bias = (head.step_emb.weight[steps], head.gap_emb.weight[gaps])  # [b, dh] each, exact rows
+        hidden = hidden.float().contiguous()  # rows of stride d, as the readout's kernel always saw them
         operand = torch.empty(b, 2 * d, device=hidden.device)  # [h_i, embedding of the token before]
         operand[:, :d] = hidden
         joined = torch.empty(1, 2 * dh, device=hidden.device)  # [u, state] for the output linear
@@ -116,7 +127,7 @@ class HeadDrafter:
             else:
                 joined[:, :dh] = u
                 joined[:, dh:] = state
-                corrected = row[:, :d] + F.linear(F.gelu(F.linear(joined, mid.weight, mid.bias), approximate="tanh"),
+                corrected = hidden[i : i + 1] + F.linear(F.gelu(F.linear(joined, mid.weight, mid.bias), approximate="tanh"),
                                                   out_linear.weight, out_linear.bias)
                 p = target.probs(self._readout(corrected))[0]
                 token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64).to(p.device)))
