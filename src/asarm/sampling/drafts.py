@@ -108,7 +108,7 @@ class HeadDrafter:
         steps = [min(i, head.config.max_steps - 1) for i in range(b)]
         gaps = [0 if p is None else min(max(pos - p, 0), MAX_GAP - 1)
                 for pos, p in zip(positions, [prev_pos, *positions[:-1]])]
-        bias = (head.step_emb.weight[steps], head.gap_emb.weight[gaps])  # [b, dh] each, exact rows
+        step_rows, gap_rows = head.step_emb.weight[steps], head.gap_emb.weight[gaps]  # [b, dh]: exact copies
         hidden = hidden.float().contiguous()  # rows of stride d, as the readout's kernel always saw them
         operand = torch.empty(b, 2 * d, device=hidden.device)  # [h_i, embedding of the token before]
         operand[:, :d] = hidden
@@ -119,7 +119,7 @@ class HeadDrafter:
         for i in range(b):
             row = operand[i : i + 1]
             row[0, d:] = self.embedding[prev_token]
-            u = F.gelu(F.linear(row, inp.weight, inp.bias) + bias[0][i : i + 1] + bias[1][i : i + 1],
+            u = F.gelu(F.linear(row, inp.weight, inp.bias) + step_rows[i : i + 1] + gap_rows[i : i + 1],
                        approximate="tanh")
             state = torch.gru_cell(u, state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
             if i == 0 and first is not None:
@@ -127,8 +127,8 @@ class HeadDrafter:
             else:
                 joined[:, :dh] = u
                 joined[:, dh:] = state
-                corrected = hidden[i : i + 1] + F.linear(F.gelu(F.linear(joined, mid.weight, mid.bias), approximate="tanh"),
-                                                  out_linear.weight, out_linear.bias)
+                mixed = F.gelu(F.linear(joined, mid.weight, mid.bias), approximate="tanh")
+                corrected = hidden[i : i + 1] + F.linear(mixed, out_linear.weight, out_linear.bias)
                 p = target.probs(self._readout(corrected))[0]
                 token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64).to(p.device)))
             tokens.append(token)
