@@ -45,6 +45,8 @@ SAMPLERS = {
     "ASSD n-gram k=5": dict(method="assd", draft="ngram", k=5),
     "ASSD one-pass k=5": dict(method="assd", k=5, one_pass=True),
     "ASSD one-pass adaptive k": dict(method="assd", k=5, one_pass=True, adaptive_k=True),
+    "ASSD draft head k=5": dict(method="assd", draft="head", k=5),  # needs a model with a draft head
+    "ASSD draft head one-pass k=5": dict(method="assd", draft="head", k=5, one_pass=True),
 }
 
 

@@ -22,7 +22,9 @@ import torch
 from asarm.draft_head import DraftHead, DraftHeadConfig, load_head, save_head
 from asarm.errors import CheckpointError, InputError
 from asarm.sampling import sample
+from asarm.sampling.config import DecodeConfig
 from asarm.sampling.drafts import HeadDrafter
+from asarm.sampling.target import draw
 from conftest import tiny_model
 from exact import exact_joint, g_test, stable_seed
 from test_block_verification import LONG_INPUT, LONG_MASKED, SMALL, greedy_case
@@ -159,6 +161,57 @@ def test_untrained_head_drafts_the_self_drafts_distribution():
     _, probs = drafter.draft(hidden, [2, 3, 4], 1, 1, target, torch.Generator().manual_seed(0))
     expected = target.probs(hidden @ m.transformer.word_embedding.weight.T + m.lm_loss.bias)
     torch.testing.assert_close(probs, expected)
+
+
+@torch.no_grad()  # as sampling runs (oneDNN's bf16 linear takes another path for inputs that need grad)
+def step_by_step_drafts(drafter, hidden, positions, prev_token, prev_pos, target, generator, first=None):
+    """The head's drafting written plainly, one ``DraftHead.step`` per position (as training's
+    ``forward_blocks`` computes it): what ``HeadDrafter.draft``'s restructured loop must equal."""
+    tokens, probs, state = [], [], None
+    for i, pos in enumerate(positions):
+        gap = 0 if prev_pos is None else pos - prev_pos
+        out, state = drafter.head.step(hidden[i : i + 1].float(), drafter.embedding[prev_token][None],
+                                       torch.tensor([i]), torch.tensor([gap]), state)
+        if i == 0 and first is not None:
+            token, p = first
+        else:
+            p = target.probs(drafter._readout(out))[0]
+            token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64)))
+        tokens.append(token)
+        probs.append(p)
+        prev_token, prev_pos = token, pos
+    return tokens, torch.stack(probs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_drafter_equals_the_step_by_step_head_bit_for_bit(dtype):
+    """Gathering the step/gap embeddings per block and filling the linears' operands in place
+    changes no bit: same tokens, same proposals, for gaps past MAX_GAP, negative gaps (random
+    orders), steps past max_steps, an exact first draft and a block starting the order."""
+    m = tiny_model(seed=2, vocab_size=40, d_model=32).to(dtype)
+    head = random_head(m, seed=4, scale=0.3)
+    head.config = DraftHeadConfig(32, 40, d_hidden=16, max_steps=3)
+    head.step_emb = torch.nn.Embedding(3, 16)
+    drafter = HeadDrafter(head, m)
+    target = DecodeConfig(temperature=0.8).target(6)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        hidden = torch.randn(5, 32, generator=g).to(dtype)
+        positions = torch.randperm(40, generator=g)[:5].tolist()
+        prev_pos = None if trial % 3 == 0 else 45
+        first = (3, torch.softmax(torch.randn(40, generator=g), 0)) if trial % 2 else None
+        got = drafter.draft(hidden, positions, 5, prev_pos, target, torch.Generator().manual_seed(trial), first)
+        want = step_by_step_drafts(drafter, hidden, positions, 5, prev_pos, target,
+                                   torch.Generator().manual_seed(trial), first)
+        assert got[0] == want[0], trial
+        assert torch.equal(got[1], want[1]), trial
+    if dtype == torch.bfloat16 and drafter.packed_readout is not None:
+        # the prepacked LM head reads out what linear does (the same bits at the shipped model's
+        # shapes; at this tiny one's, oneDNN may round a rare logit the other way)
+        rows = torch.randn(50, 32, generator=g) * 4
+        packed = torch.cat([drafter._readout(row[None]) for row in rows]).float()
+        plain = torch.nn.functional.linear(rows.bfloat16(), m.transformer.word_embedding.weight, m.lm_loss.bias.bfloat16())
+        torch.testing.assert_close(packed, plain.float(), atol=0.0, rtol=2**-7)
 
 
 # --- files and errors ----------------------------------------------------------------------------

@@ -9,8 +9,10 @@ Any proposal keeps ASSD exact (acceptance corrects it); a good one only makes it
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..draft_head import head_readout
+from ..draft_head import MAX_GAP, head_readout
+from ..fastpass import PackedLinear, choose_kernel
 from .target import draw
 
 
@@ -70,11 +72,20 @@ class HeadDrafter:
         if self.bf16_readout:
             self.readout_weight = model.transformer.word_embedding.weight.detach()
             self.readout_bias = model.lm_loss.bias.detach().to(torch.bfloat16)
+            # On CPUs with native bf16, linear runs oneDNN and repacks the weight on every call:
+            # packed once, as the fast pass packs its own LM head, one row reads out faster with
+            # the same logits at the shipped models' shapes, so the same draws (checked against
+            # the code before, docs/performance.md; scripts/host_work_bench.py times it).
+            # Elsewhere linear stays (another kernel could round differently: other draws).
+            packed = choose_kernel(model.device, torch.bfloat16) == "onednn"
+            self.packed_readout = PackedLinear(self.readout_weight, self.readout_bias, "onednn") if packed else None
         self.embedding, self.bias = head_readout(model)
         self.mask_token_id = model.config.mask_token_id
 
     def _readout(self, out: torch.Tensor) -> torch.Tensor:
         if self.bf16_readout:
+            if self.packed_readout is not None:
+                return self.packed_readout(out.to(torch.bfloat16))
             return torch.nn.functional.linear(out.to(torch.bfloat16), self.readout_weight, self.readout_bias)
         return out @ self.embedding.T + self.bias
 
@@ -84,20 +95,43 @@ class HeadDrafter:
         """Drafts for ``positions`` (in order) from their query states ``hidden`` [b, d]: each step
         feeds the token before it (``prev_token`` at ``prev_pos`` for the first; None: nothing
         decoded yet), draws with one uniform from ``generator``. ``first``: (token, proposal) of
-        an exact first draft, kept as it is (the head still reads it). Returns (tokens, [b, V])."""
-        hidden = hidden.float()
-        dev = hidden.device
-        tokens, probs, state = [], [], None
-        for i, pos in enumerate(positions):
-            gap = 0 if prev_pos is None else pos - prev_pos
-            out, state = self.head.step(hidden[i : i + 1], self.embedding[prev_token][None],
-                                        torch.tensor([i], device=dev), torch.tensor([gap], device=dev), state)
+        an exact first draft, kept as it is (the head still reads it). Returns (tokens, [b, V]).
+
+        The same arithmetic as ``DraftHead.step`` per position, bit for bit (same kernels on
+        the same values), with the per-step overhead taken out: everything that does not
+        depend on the drafts (step and gap embeddings, the query states' half of the input
+        linear's operand) is gathered once per block, and the operands of the two
+        concatenating linears live in buffers filled in place (tests/test_draft_head.py
+        compares against ``step``)."""
+        head, d, dh = self.head, self.embedding.shape[1], self.head.config.d_hidden
+        b = len(positions)
+        steps = [min(i, head.config.max_steps - 1) for i in range(b)]
+        gaps = [0 if p is None else min(max(pos - p, 0), MAX_GAP - 1)
+                for pos, p in zip(positions, [prev_pos, *positions[:-1]])]
+        step_rows, gap_rows = head.step_emb.weight[steps], head.gap_emb.weight[gaps]  # [b, dh]: exact copies
+        hidden = hidden.float().contiguous()  # rows of stride d, as the readout's kernel always saw them
+        operand = torch.empty(b, 2 * d, device=hidden.device)  # [h_i, embedding of the token before]
+        operand[:, :d] = hidden
+        joined = torch.empty(1, 2 * dh, device=hidden.device)  # [u, state] for the output linear
+        inp, mid, out_linear, cell = head.inp, head.mid, head.out, head.cell
+        state = torch.zeros(1, dh, device=hidden.device)  # what nn.GRUCell starts from given None
+        tokens, probs = [], []
+        for i in range(b):
+            row = operand[i : i + 1]
+            row[0, d:] = self.embedding[prev_token]
+            u = F.gelu(F.linear(row, inp.weight, inp.bias) + step_rows[i : i + 1] + gap_rows[i : i + 1],
+                       approximate="tanh")
+            state = torch.gru_cell(u, state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
             if i == 0 and first is not None:
                 token, p = first
             else:
-                p = target.probs(self._readout(out))[0]
-                token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64).to(dev)))
+                joined[:, :dh] = u
+                joined[:, dh:] = state
+                mixed = F.gelu(F.linear(joined, mid.weight, mid.bias), approximate="tanh")
+                corrected = hidden[i : i + 1] + F.linear(mixed, out_linear.weight, out_linear.bias)
+                p = target.probs(self._readout(corrected))[0]
+                token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64).to(p.device)))
             tokens.append(token)
             probs.append(p)
-            prev_token, prev_pos = token, pos
+            prev_token = token
         return tokens, torch.stack(probs)
