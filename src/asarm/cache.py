@@ -67,19 +67,41 @@ class ContentCache:
         else:
             buffer[self._rows, self._slots] = new
 
+    def new_slot_values(self, new: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        """[B, span]: ``new`` [B, N] at the last pass's new slots, ``fill`` at the committed ones
+        (a per-key property of this pass only, such as its rows' draft branches)."""
+        out = torch.full((new.shape[0], self._span), fill, dtype=new.dtype, device=new.device)
+        if self._run is not None:
+            out[:, self._run] = new
+        else:
+            out[self._rows, self._slots] = new
+        return out
+
     def write_layer(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         self._write(self.keys[layer], k_new)
         self._write(self.values[layer], v_new)
         return self.keys[layer][:, : self._span], self.values[layer][:, : self._span]
 
-    def commit(self, kept: torch.Tensor) -> None:
-        """Keep the first ``kept[b]`` new rows of the last pass for each row b; forget the rest."""
+    def commit(self, kept: torch.Tensor, chosen: dict[int, list[int]] | None = None) -> None:
+        """Keep the first ``kept[b]`` new rows of the last pass for each row b; forget the rest.
+        ``chosen`` {b: new-row indices, ascending}: row b keeps those rows instead (moved to its
+        first new slots, in order), e.g. the accepted branch of a multi-draft pass."""
         kept = kept.to(self.length.device).long()
+        for b, rows in (chosen or {}).items():
+            if rows != list(range(len(rows))):
+                self._gather_new_slots(b, rows)
+            kept[b] = len(rows)
         new_len = self.length + kept
         slots = torch.arange(self._span, device=self.length.device)
         forget = (slots[None, :] >= new_len[:, None]) & (slots[None, :] < self._span)
         self.key_rank[:, : self._span].masked_fill_(forget, NO_KEY)
         self.length = new_len
+
+    def _gather_new_slots(self, b: int, rows: list[int]) -> None:
+        start = int(self.length[b])
+        source = torch.tensor(rows, device=self.length.device) + start
+        for buffer in (*self.keys, *self.values, self.key_pos, self.key_rank):
+            buffer[b, start : start + len(rows)] = buffer[b].index_select(0, source)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (finished rows stop costing compute)."""

@@ -144,11 +144,11 @@ class FastPass:
 
     @torch.no_grad()
     def forward_rows(self, content_ids, content_pos, content_rank, query_pos, query_rank, cache=None, rel_table=None,
-                     return_hidden=False):
+                     return_hidden=False, branches=None):
         """Same arguments and result as ``ASARM.forward_rows`` (see there)."""
         model, n, dh = self.model, self.n_head, self.d_head
         geo = pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
-                            model.relative_table)
+                            model.relative_table, branches)
         B, N = geo.content_ids.shape
         Q = query_pos.shape[1]
         T = N + Q

@@ -325,6 +325,7 @@ class ASARM(nn.Module):
         cache=None,
         rel_table: list[torch.Tensor] | None = None,
         return_hidden: bool = False,
+        branches: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One pass over new content rows and query rows; returns query-row logits [B, Q, V]
         (with ``return_hidden``: (logits, the query rows' final states [B, Q, d_model]), which a
@@ -335,13 +336,14 @@ class ASARM(nn.Module):
         With a ``ContentCache`` the new rows' keys and values are written after the row's
         committed slots and every row attends to committed + new keys; ``cache.commit`` then keeps
         a prefix of the new rows. ``rel_table``: ``relative_table(span)`` for a span covering
-        every position (computed here when missing or too short).
+        every position (computed here when missing or too short). ``branches``: (content_branch
+        [B, N], query_branch [B, Q]) draft-branch ids of a multi-draft pass (``pass_geometry``).
         """
         if self._fast_pass is not None and not torch.is_grad_enabled():
             return self._fast_pass.forward_rows(content_ids, content_pos, content_rank, query_pos, query_rank,
-                                                cache, rel_table, return_hidden)
+                                                cache, rel_table, return_hidden, branches)
         geo = pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
-                            self.relative_table)
+                            self.relative_table, branches)
         B, N = geo.content_ids.shape
         bias_parts = (geo.rel_index, geo.allowed, geo.allowed.any(-1))
         # Padding rows (content rank NO_KEY, query rank 0) are left out of every matmul.

@@ -117,14 +117,21 @@ class PassGeometry(NamedTuple):
 
 
 def pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank, cache, rel_table,
-                  make_table) -> PassGeometry:
+                  make_table, branches=None) -> PassGeometry:
     """The pass's keys (this pass's content rows, or the cache's committed slots followed by them:
     ``cache.write_slots`` places them), which row sees which key (a key is visible to a row iff
     key_rank < limit: rank + 1 for content rows, rank for query rows), and each pair's relative
-    distance as a column of ``rel_table`` (``make_table(span)`` when it is missing or too short)."""
+    distance as a column of ``rel_table`` (``make_table(span)`` when it is missing or too short).
+
+    ``branches``: (content_branch [B, N], query_branch [B, Q]) for a pass that checks several
+    drafted continuations at once (multi-draft verification): a new content row of branch j > 0
+    is seen only by rows of branch j, on top of the rank rule; branch 0 (the trunk: committed
+    keys, pending rows, a shared first draft) is seen by every row the rank rule allows."""
     if content_ids.shape[1] == 0:  # no content at all: one padding row keeps shapes non-empty
         content_ids, content_pos = content_ids.new_zeros(len(content_ids), 1), content_pos.new_zeros(len(content_pos), 1)
         content_rank = torch.full_like(content_pos, NO_KEY)
+        if branches is not None:
+            branches = (content_pos.new_zeros(content_pos.shape), branches[1])
     content_rank, query_rank = content_rank.long(), query_rank.long()
     row_pos = torch.cat([content_pos, query_pos], dim=1).long()
     row_limit = torch.cat([(content_rank + 1).clamp(max=NO_KEY), query_rank], dim=1)
@@ -138,5 +145,10 @@ def pass_geometry(content_ids, content_pos, content_rank, query_pos, query_rank,
     table_span = (rel_table[0].shape[-1] + 1) // 2
     rel_index = row_pos[:, :, None] - key_pos[:, None, :] + (table_span - 1)
     allowed = key_rank[:, None, :] < row_limit[:, :, None]
+    if branches is not None:
+        content_branch, query_branch = (b.long() for b in branches)
+        key_branch = content_branch if cache is None else cache.new_slot_values(content_branch)
+        row_branch = torch.cat([content_branch, query_branch], dim=1)
+        allowed &= (key_branch[:, None, :] == 0) | (key_branch[:, None, :] == row_branch[:, :, None])
     real_rows = torch.cat([content_rank != NO_KEY, query_rank > 0], dim=1)
     return PassGeometry(content_ids, content_rank, query_rank, allowed, rel_index, rel_table, real_rows)

@@ -33,6 +33,7 @@ class ProposerInfo:
     needs_pass: bool = True  # a draft pass before each verify pass (False: drafts cost no network pass)
     lookahead: str | None = None  # the registry name of its one-pass form (``one_pass=True``), if any
     listed: bool = True  # offered as a ``draft`` choice (one-pass is reached through ``one_pass``)
+    branching: bool = False  # can draft several continuations of an exact first draft (``branches``)
 
     def load(self) -> type:
         if not isinstance(self.cls, str):
@@ -43,14 +44,14 @@ class ProposerInfo:
 
 PROPOSERS: dict[str, ProposerInfo] = {
     "self": ProposerInfo(".proposers:SelfDraft", "self-draft", "a draft pass of the model itself",
-                         lookahead="one-pass"),
+                         lookahead="one-pass", branching=True),
     "ngram": ProposerInfo(".proposers:NgramDraft", "n-gram draft", "bigram counts of the row's own text (no pass)",
                           needs_pass=False),
     "one-pass": ProposerInfo(".proposers:OnePassDraft", "self-draft", "self drafts carried out of the oracle pass",
                              listed=False),
     "head": ProposerInfo(".proposers:HeadDraft", "draft head", "a learned draft head over the draft pass's query "
                          "states, each draft conditioned on the ones before it (asarm train-draft)",
-                         lookahead="head-one-pass"),
+                         lookahead="head-one-pass", branching=True),
     "head-one-pass": ProposerInfo(".proposers:OnePassHeadDraft", "draft head", "head drafts from the oracle pass's "
                                   "lookahead queries", listed=False),
 }
@@ -102,6 +103,10 @@ class DecodeConfig:
                                         "never fewer drafts kept per round; with one-pass rounds it measures "
                                         "worse; default token)",
                                choices=lambda: VERIFICATIONS)
+    branches: int = option(1, "ASSD: draft this many continuations of each round's exact first draft and verify "
+                              "them in one pass, each with its own attention mask (multi-draft, recursive "
+                              "rejection; self or head drafts, two-pass rounds; default 1: one chain)",
+                           ge=1, le=8)
     cache: bool = option(True, "full recompute every pass (reference baseline)", flag="--no-cache", server=False)
     suppress: tuple[int, ...] = option((), "token ids never drawn (e.g. <unk>), besides the mask token", user=False)
 
@@ -124,6 +129,13 @@ class DecodeConfig:
                              "(n-gram rounds already take one pass)")
         if self.verification not in VERIFICATIONS:
             raise InputError(f"unknown verification {self.verification!r}: use one of {', '.join(VERIFICATIONS)}")
+        if not _is_int(self.branches) or self.branches < 1:
+            raise InputError(f"branches must be an integer >= 1, got {self.branches!r}")
+        if self.branches > 1 and (self.method != "assd" or self.one_pass or not PROPOSERS[self.draft].branching
+                                  or self.verification != "token"):
+            raise InputError("branches > 1 (multi-draft verification) applies to method='assd' with a draft that "
+                             f"can branch ({', '.join(n for n in draft_names() if PROPOSERS[n].branching)}), "
+                             "two-pass rounds (not one_pass) and token-by-token verification")
         if not all(_is_int(t) and t >= 0 for t in self.suppress):
             raise InputError(f"suppress must be token ids, got {self.suppress!r}")
         object.__setattr__(self, "suppress", tuple(sorted(set(self.suppress))))
@@ -161,7 +173,7 @@ class DecodeConfig:
     @property
     def variants(self) -> list[str]:
         flags = (("bonus", self.bonus), ("one-pass", self.one_pass), ("adaptive-k", self.adaptive_k),
-                 ("block-verify", self.verification == "block"))
+                 ("block-verify", self.verification == "block"), (f"{self.branches}-branches", self.branches > 1))
         return [name for name, on in flags if on and self.method == "assd"]
 
     @property

@@ -28,7 +28,7 @@ from .config import DecodeConfig
 from .drafts import HeadDrafter
 from .row import Outcome, Plan, RoundEvent, Row, SampleResult
 from .target import draw
-from .verification import Verdict, verify
+from .verification import TreeVerdict, Verdict, verify, verify_tree
 
 
 class RowHandle:
@@ -83,6 +83,7 @@ class Decisions:
     drawn_prob: torch.Tensor  # [len(drawn_rows)] its target probability
     verdict: Verdict | None  # rows that verified drafts (None when no row did)
     forced: dict[tuple[int, int], tuple[int, float]] = dataclasses.field(default_factory=dict)
+    trees: dict[int, TreeVerdict] = dataclasses.field(default_factory=dict)  # multi-draft rows' verdicts
 
     def force(self, draws: dict[tuple[int, int], tuple[int, float]]) -> None:
         """Use these draws ({(row, query row): (token, probability)}) for those query rows:
@@ -110,6 +111,10 @@ class Decisions:
             if plan.kind == "verify":
                 out.n_accepted, out.next_token, out.next_prob = host[2][b], host[3][b], host[4][b]
                 out.draft_prob = host[5][b][: len(plan.target_rows)]
+            elif plan.kind == "tree":
+                t = self.trees[b]
+                out.n_accepted, out.next_token, out.next_prob = t.n_accepted, t.next_token, t.next_prob
+                out.draft_prob, out.branch = t.draft_target_prob, t.branch
             outcomes.append(out)
         return outcomes
 
@@ -170,6 +175,10 @@ class Engine:
         if constraints:
             from .constraints import RowConstraint
 
+            if config.branches > 1:
+                raise InputError("constrained holes decode one chain of drafts: branches > 1 (multi-draft) is not "
+                                 "supported with constraints")
+
             try:
                 constraint = RowConstraint(constraints, tokens.shape[0], hidden)
             except ValueError as exc:
@@ -216,8 +225,9 @@ class Engine:
             for b, (plan, out) in enumerate(zip(plans, outcomes)):
                 out.hidden = hidden[b, : len(plan.queries)]
         kept = [row.advance(plan, out)[0] for row, plan, out in zip(rows, plans, outcomes)]
-        if self.cache is not None:
-            self.cache.commit(torch.tensor(kept))
+        if self.cache is not None:  # a count of leading new rows, or (multi-draft) the rows themselves
+            chosen = {b: rows for b, rows in enumerate(kept) if isinstance(rows, list)}
+            self.cache.commit(torch.tensor([0 if isinstance(n, list) else n for n in kept]), chosen)
         finished = [h for h in self.handles if h.row.done]
         if finished:
             now = time.perf_counter()
@@ -235,16 +245,18 @@ class Engine:
         N = max(1, max(len(p.contents) for p in plans))
         Q = max(len(p.queries) for p in plans)
         # the padded [B, rows] layout built from Python lists in one tensor each (no per-row copies)
-        content = torch.tensor([p.contents + [(0, 0, NO_KEY)] * (N - len(p.contents)) for p in plans],
-                               dtype=torch.long).view(len(plans), N, 3)
-        query = torch.tensor([p.queries + [(0, 0)] * (Q - len(p.queries)) for p in plans], dtype=torch.long)
+        content = torch.tensor([p.contents + [(0, 0, NO_KEY, 0)] * (N - len(p.contents)) for p in plans],
+                               dtype=torch.long).view(len(plans), N, 4)
+        query = torch.tensor([p.queries + [(0, 0, 0)] * (Q - len(p.queries)) for p in plans],
+                             dtype=torch.long).view(len(plans), Q, 3)
         content, query = content.to(self.device), query.to(self.device)
+        branches = (content[..., 3], query[..., 2]) if any(p.kind == "tree" for p in plans) else None
         if self.timer is not None:
             self.timer.sync()
         start = time.perf_counter()
         logits = self.model.forward_rows(content[..., 1], content[..., 0], content[..., 2], query[..., 0],
                                          query[..., 1], cache=self.cache, rel_table=self.rel_table,
-                                         return_hidden=want_hidden)
+                                         return_hidden=want_hidden, branches=branches)
         logits, hidden = logits if want_hidden else (logits, None)
         if self.timer is not None:
             self.timer.sync()
@@ -298,7 +310,19 @@ class Engine:
         verdict = None
         if K:
             verdict = self._verify(rows, plans, probs, u_accept, u_next, K)
-        return Decisions(Q, drawn_rows, tokens, drawn_prob, verdict)
+        trees = {b: self._verify_tree(row, plan, probs[b]) for b, (row, plan) in enumerate(zip(rows, plans))
+                 if plan.kind == "tree"}
+        return Decisions(Q, drawn_rows, tokens, drawn_prob, verdict, trees=trees)
+
+    @staticmethod
+    def _verify_tree(row: Row, plan: Plan, probs: torch.Tensor) -> TreeVerdict:
+        """One multi-draft row's verdict from its query rows' target distributions ``probs``."""
+        tree = row.block
+        first = tree.first.tokens[0]
+        chains = [(branch.tokens[1:], branch.probs[1:], probs[rows.targets], probs[rows.bonus] if rows.bonus >= 0 else None)
+                  for branch, rows in zip(tree.branches, plan.branches)]
+        return verify_tree(float(tree.first.probs[0, first]), [branch.tokens[0] for branch in tree.branches],
+                           tree.branches[0].probs[0], probs[plan.shared_target], chains, row.uniforms(plan).tolist())
 
     def _verify(self, rows, plans, probs, u_accept, u_next, K) -> Verdict:
         """Pack the verifying rows' drafts and proposals for ``verify``; targets stay in place.

@@ -61,6 +61,19 @@ class Block:
 
 
 @dataclasses.dataclass
+class Tree:
+    """Multi-draft: several continuations of one exact first draft, each drawn independently
+    given it, so their first drafts are independent draws from one proposal (what recursive
+    rejection at that position needs, sampling/verification.py ``verify_tree``)."""
+
+    first: Block  # the exact first draft (one token)
+    branches: list[Block]  # the continuations, one length, for the positions after it
+
+    def __len__(self) -> int:
+        return 1 + len(self.branches[0])
+
+
+@dataclasses.dataclass
 class Drawn:
     """Draws of a pass's query rows for one row: tokens (host) and their distributions (device)."""
 
@@ -83,6 +96,11 @@ class Proposer:
         return []
 
     def propose(self, view: RowView, block: int, drawn: Drawn | None) -> Block:
+        raise NotImplementedError
+
+    def propose_tree(self, view: RowView, block: int, drawn: Drawn, n_branches: int) -> Tree:
+        """``n_branches`` continuations of the draft pass's exact first draft (``branches`` > 1);
+        only proposers whose registry entry says ``branching``."""
         raise NotImplementedError
 
     def oracle_extras(self, view: RowView, block: int) -> tuple[bool, int]:
@@ -110,6 +128,16 @@ class SelfDraft(Proposer):
 
     def propose(self, view, block, drawn):
         return Block(drawn.tokens[:block], drawn.probs[:block], exact_first=True)
+
+    def propose_tree(self, view, block, drawn, n_branches):
+        """The pass's own draws are the first continuation; each other one draws every position
+        again from the same marginals (the row's generator), so all are independent."""
+        probs = drawn.probs[1:block]
+        branches = [Block(drawn.tokens[1:block], probs)]
+        for _ in range(n_branches - 1):
+            u = torch.rand(block - 1, generator=view.generator, dtype=torch.float64)
+            branches.append(Block(draw(probs, u.to(probs.device)).tolist(), probs))
+        return Tree(Block(drawn.tokens[:1], drawn.probs[:1], exact_first=True), branches)
 
 
 class OnePassDraft(SelfDraft):
@@ -167,6 +195,13 @@ class HeadDraft(SelfDraft):
 
     def propose(self, view, block, drawn):
         return self._draft(view, drawn.hidden, block, (drawn.tokens[0], drawn.probs[0]))
+
+    def propose_tree(self, view, block, drawn, n_branches):
+        """The head run once per continuation from the same exact first draft: each run's second
+        step computes the same proposal and draws from it with its own uniform."""
+        chains = [self.propose(view, block, drawn) for _ in range(n_branches)]
+        return Tree(Block(chains[0].tokens[:1], chains[0].probs[:1], exact_first=True),
+                    [chain.tail(1) for chain in chains])
 
 
 class OnePassHeadDraft(HeadDraft):

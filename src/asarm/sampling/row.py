@@ -18,25 +18,35 @@ from typing import NamedTuple
 import torch
 
 from .config import PROPOSERS
-from .proposers import Block, Drawn, RowView, make_proposer, next_k
+from .proposers import Block, Drawn, RowView, Tree, make_proposer, next_k
 
 
 class Content(NamedTuple):
     pos: int
     token: int
     rank: int
+    branch: int = 0  # multi-draft passes: the continuation it belongs to (0: seen by every row)
 
 
 class Query(NamedTuple):
     pos: int
     rank: int
+    branch: int = 0  # multi-draft passes: sees the contents of this continuation (and branch 0)
+
+
+class BranchRows(NamedTuple):
+    """Where one continuation of a multi-draft pass sits in its plan."""
+
+    contents: list[int]  # indices of its drafts' content rows among the plan's contents
+    targets: list[int]  # query rows with the targets of its drafts after the first
+    bonus: int  # the query row after its last draft (-1: none)
 
 
 @dataclasses.dataclass
 class Plan:
     """What one pass computes for one row, and how to read its outcome."""
 
-    kind: str  # "sequential" | "draft" | "verify"
+    kind: str  # "sequential" | "draft" | "verify" | "tree" (multi-draft verify)
     contents: list[Content]
     queries: list[Query]
     n_pending: int = 0  # leading contents committed to the cache whatever happens
@@ -45,13 +55,24 @@ class Plan:
     bonus_row: int = -1  # verify: the query after the block, seeing every draft
     n_lookahead: int = 0  # verify: proposal queries after the bonus query
     uniforms: torch.Tensor | None = None  # the row's uniforms for this pass, drawn once (Row.uniforms)
+    shared_target: int = -1  # tree: the query row of the target after the first draft
+    branches: list[BranchRows] = dataclasses.field(default_factory=list)  # tree: one per continuation
 
     @property
     def first_drawn(self) -> int:
-        """The first query row whose draw is used (verification rows are read, not drawn)."""
+        """The first query row whose draw is used (verification rows are read, not drawn; a
+        tree's draws all happen in its verdict)."""
+        if self.kind == "tree":
+            return len(self.queries)
         if self.kind != "verify":
             return 0
         return self.bonus_row if self.bonus_row >= 0 else len(self.queries)
+
+    @property
+    def n_uniforms(self) -> int:
+        if self.kind == "tree":  # one per continuation (recursive rejection), per later draft, the next draw
+            return len(self.branches) + len(self.branches[0].targets) + 1
+        return len(self.queries) + len(self.target_rows) + 1
 
 
 @dataclasses.dataclass
@@ -76,6 +97,7 @@ class Outcome:
     next_token: int = -1  # replacement at the first rejection, or the bonus token, or -1
     next_prob: float = 0.0
     draft_prob: list[float] = dataclasses.field(default_factory=list)  # target prob of each draft
+    branch: int = 0  # tree: the continuation whose drafts were kept (-1: none)
     hidden: torch.Tensor | None = None  # [Q_row, d] the query rows' final states (proposers that ask)
 
 
@@ -168,7 +190,31 @@ class Row:
                 return Plan("draft", base, queries, len(base))
             self.block = self._fit(self.proposer.propose(self.view(), block, None))
             self.draft_calls += 1
-        return self._verify_plan(base)
+        return self._tree_plan(base) if isinstance(self.block, Tree) else self._verify_plan(base)
+
+    def _tree_plan(self, base: list[Content]) -> Plan:
+        """A multi-draft pass: the first draft's content (branch 0), the shared query of the
+        position after it (sees the first draft only), then per continuation j its drafts'
+        contents and the queries of its later targets and bonus, all of branch j."""
+        n, tree = self.n_decoded, self.block
+        b = len(tree)
+        bonus, _ = self.proposer.oracle_extras(self.view(), b)
+        extended = bonus and n + b < self.n_hidden
+        n_contents = b - 1 if extended else b - 2  # a continuation's drafts that a later query reads
+        contents = base + [Content(self.order[n], tree.first.tokens[0], n + 1)]
+        queries = [Query(self.order[n + 1], n + 2)]
+        layout = []
+        for j, branch in enumerate(tree.branches, start=1):
+            rows = list(range(len(contents), len(contents) + n_contents))
+            contents += [Content(self.order[n + 1 + i], branch.tokens[i], n + 2 + i, j) for i in range(n_contents)]
+            targets = list(range(len(queries), len(queries) + b - 2))
+            queries += [Query(self.order[n + 2 + i], n + 3 + i, j) for i in range(b - 2)]
+            bonus_row = -1
+            if extended:
+                bonus_row = len(queries)
+                queries.append(Query(self.order[n + b], n + b + 1, j))
+            layout.append(BranchRows(rows, targets, bonus_row))
+        return Plan("tree", contents, queries, len(base), shared_target=0, branches=layout)
 
     def _verify_plan(self, base: list[Content]) -> Plan:
         """Contents: the drafts (all of them when a query follows the block, else all but the
@@ -198,8 +244,7 @@ class Row:
         the replacement/bonus draw. Drawn from the row's own generator, so a row's tokens do
         not depend on the batch it runs in."""
         if plan.uniforms is None:  # drawn once: constrained rows read them before the pass's decisions
-            n = len(plan.queries) + len(plan.target_rows) + 1
-            plan.uniforms = torch.rand(n, generator=self.generator, dtype=torch.float64)
+            plan.uniforms = torch.rand(plan.n_uniforms, generator=self.generator, dtype=torch.float64)
         return plan.uniforms
 
     # --- the pass's outcome --------------------------------------------------------------------
@@ -210,13 +255,37 @@ class Row:
             return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
         if plan.kind == "draft":
             self.draft_calls += 1
-            self.block = self._fit(self.proposer.propose(self.view(), len(plan.queries), Drawn(out.drawn, out.probs, out.hidden)))
+            drawn, n = Drawn(out.drawn, out.probs, out.hidden), len(plan.queries)
+            if self.config.branches > 1 and n > 1:
+                self.block = self.proposer.propose_tree(self.view(), n, drawn, self.config.branches)
+            else:
+                self.block = self._fit(self.proposer.propose(self.view(), n, drawn))
             self.pending = []
             if len(self.block) == 1:  # one position left: its draft is the exact conditional
                 self.block = None
                 return plan.n_pending, self._decode([out.drawn[0]], [out.drawn_prob[0]])
             return plan.n_pending, []
+        if plan.kind == "tree":
+            return self._after_tree(plan, out)
         return self._after_verify(plan, out)
+
+    def _after_tree(self, plan: Plan, out: Outcome) -> tuple[list[int], list[int]]:
+        """Decode the first draft, the kept drafts of the chosen continuation and the next
+        token; the cache keeps the pending rows, the first draft's and the kept drafts' rows."""
+        tree, self.block = self.block, None
+        kept = list(range(plan.n_pending + 1))  # pending rows, then the first draft's
+        tokens = tree.first.tokens[:]
+        if out.branch >= 0:
+            branch, rows = tree.branches[out.branch], plan.branches[out.branch].contents
+            tokens += branch.tokens[: out.n_accepted - 1]
+            kept += rows[: out.n_accepted - 1]
+        rejected = out.n_accepted < len(tree)
+        probs = out.draft_prob[: out.n_accepted]
+        if out.next_token >= 0:
+            tokens, probs = tokens + [out.next_token], probs + [out.next_prob]
+        self.block_size = next_k(self.config, self.block_size, not rejected)
+        positions = self._decode(tokens, probs, self.order[self.n_decoded + out.n_accepted] if rejected else None)
+        return kept, positions
 
     def _after_verify(self, plan: Plan, out: Outcome) -> tuple[int, list[int]]:
         block, self.block = self.block, None

@@ -195,3 +195,74 @@ def verify(draft_tokens, draft_probs, target_probs, n_drafts, u_accept, u_next, 
     next_token = torch.where(has_next, next_token, torch.full_like(next_token, -1))
     next_prob = q_next.gather(-1, next_token.clamp(min=0)[:, None]).squeeze(-1)
     return Verdict(n_accepted, next_token, next_prob, q)
+
+
+# --- multi-draft verification -----------------------------------------------------------------
+@dataclasses.dataclass
+class TreeVerdict:
+    """One multi-draft row's verdict (host values)."""
+
+    branch: int  # the continuation whose drafts were kept (-1: none, the next token replaces them)
+    n_accepted: int  # drafts kept, the shared exact first one included
+    next_token: int  # the replacement at a rejection, the bonus token, or -1
+    next_prob: float  # its target probability
+    draft_target_prob: list[float]  # each kept draft's target probability
+
+
+def recursive_rejection(target: torch.Tensor, proposal: torch.Tensor, candidates: list[int], uniforms: list[float],
+                        renormalize: bool = True) -> tuple[int, torch.Tensor]:
+    """Pick among ``candidates``, independent draws from ``proposal`` [V], so that the token kept
+    follows ``target`` [V] (Yang et al. 2024, "Multi-candidate speculative decoding"; SpecInfer's
+    multi-step speculative sampling with one draft distribution): candidate j is accepted with
+    probability min(1, r_j(c_j) / proposal(c_j)), where r_1 = target and, after each rejection,
+    r_{j+1} = normalize(max(0, r_j - proposal)). Returns (the accepted candidate's index, or -1
+    with the last residual to draw the token from instead).
+
+    Why exact: one candidate of this loop is ordinary speculative sampling of r_j with draft
+    ``proposal``: it returns a token distributed as r_j, split into "accepted c_j" and "rejected,
+    then a draw from r_{j+1}". Unrolling, a draw from r_{j+1} may be replaced by the next
+    candidate's test, because that candidate is a fresh draw from ``proposal`` independent of
+    what came before. ``renormalize=False`` is the negative control of the tests (the residual
+    left unnormalized: later candidates are accepted too rarely)."""
+    residual_probs = target.double()
+    proposal = proposal.double()
+    for j, (token, u) in enumerate(zip(candidates, uniforms)):
+        if u * float(proposal[token]) <= float(residual_probs[token]):
+            return j, residual_probs
+        rest = _target.residual(residual_probs, proposal)
+        residual_probs = rest / rest.sum() if renormalize else rest
+    return -1, residual_probs
+
+
+def verify_tree(first_prob: float, candidates: list[int], proposal: torch.Tensor, target: torch.Tensor,
+                chains: list[tuple], uniforms: list[float]) -> TreeVerdict:
+    """A multi-draft round after an exact first draft (kept as it is, target probability
+    ``first_prob``): ``candidates`` are the continuations' drafts at the next position, drawn
+    independently from ``proposal`` [V], checked against ``target`` [V] by recursive rejection;
+    the chosen continuation's later drafts are then checked token by token. ``chains``: per
+    continuation (drafts after its first, their proposals [m, V], their targets [m, V], the
+    bonus distribution [V] or None). ``uniforms``: one per continuation, one per later draft,
+    one for the next token.
+
+    Exact: the kept second token follows ``target`` (``recursive_rejection``); given it, the
+    chosen continuation's later drafts were drawn from their proposals given that token alone
+    (the choice looked only at second tokens and the picking uniforms), so token-by-token
+    verification of them is exact as in a one-chain round."""
+    n = len(candidates)
+    picked, rest = recursive_rejection(target, proposal, candidates, uniforms[:n])
+    u_next = torch.tensor(uniforms[-1], dtype=torch.float64, device=target.device)
+    if picked < 0:
+        token = int(_target.draw(rest, u_next))
+        return TreeVerdict(-1, 1, token, float(target[token]), [first_prob])
+    drafts, draft_probs, target_probs, bonus = chains[picked]
+    kept = [first_prob, float(target[candidates[picked]])]
+    for i, token in enumerate(drafts):
+        p, q = float(draft_probs[i, token]), float(target_probs[i, token])
+        if uniforms[n + i] * p > q:
+            replacement = int(_target.draw(_target.residual(target_probs[i].double(), draft_probs[i].double()), u_next))
+            return TreeVerdict(picked, len(kept), replacement, float(target_probs[i, replacement]), kept)
+        kept.append(q)
+    if bonus is None:
+        return TreeVerdict(picked, len(kept), -1, 0.0, kept)
+    token = int(_target.draw(bonus, u_next))
+    return TreeVerdict(picked, len(kept), token, float(bonus[token]), kept)
