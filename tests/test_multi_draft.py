@@ -10,7 +10,8 @@
   tested against the first target.
 - ASSD with branches against the enumerated joint of tiny models (the suite's `transformers`
   reference, tests/exact.py): self and head drafts, 2 and 3 branches, k in {2, 3}, two
-  temperatures, the bonus, adaptive k, random order, top-k/top-p, without the cache. Greedy
+  temperatures, two-pass and one-pass rounds, the bonus, adaptive k, random order,
+  top-k/top-p, without the cache. Greedy
   equals greedy sequential token for token.
 """
 
@@ -147,7 +148,7 @@ def _tree_rounds(n_branches: int, seed: int) -> list[tuple]:
         seconds = draw(P2.expand(n_branches, -1), rand(n_branches)).tolist()
         thirds = [int(draw(P3[s], rand(()))) for s in seconds]
         chains = [([t], P3[s][None], Q3[s][None], BONUS[t]) for s, t in zip(seconds, thirds)]
-        verdict = verification.verify_tree(1.0, seconds, P2, Q2, chains, rand(n_branches + 2).tolist())
+        verdict = verification.verify_tree([1.0], seconds, P2, Q2, chains, rand(n_branches + 2).tolist())
         kept = [seconds[verdict.branch], thirds[verdict.branch]] if verdict.branch >= 0 else []
         tokens = kept[: verdict.n_accepted - 1] + [verdict.next_token]
         if len(tokens) < 2:
@@ -193,6 +194,8 @@ CASES = [  # (options, k, temperature)
     (dict(branches=2, draft="head"), 3, 1.0),
     (dict(branches=3, draft="head", bonus=True), 3, 0.6),
     (dict(branches=2, draft="head", cache=False), 2, 0.6),
+    (dict(branches=2, one_pass=True), 2, 1.0),
+    (dict(branches=3, draft="head", one_pass=True), 3, 0.6),
 ]
 
 
@@ -219,8 +222,11 @@ def small_model():
     return m
 
 
-@pytest.mark.parametrize("options", [dict(draft="self", bonus=True, adaptive_k=True), dict(draft="head", bonus=True)],
-                         ids=["self-adaptive", "head"])
+LONG_CASES = [dict(draft="self", bonus=True, adaptive_k=True), dict(draft="head", bonus=True),
+              dict(draft="self", one_pass=True), dict(draft="head", one_pass=True, adaptive_k=True)]
+
+
+@pytest.mark.parametrize("options", LONG_CASES, ids=["self-adaptive", "head", "self-one-pass", "head-one-pass-adaptive"])
 def test_multi_draft_over_several_rounds_matches_exact_joint(small_model, options):
     joint = exact_joint(small_model, LONG_INPUT, LONG_MASKED, torch.nonzero(LONG_MASKED).flatten().tolist())
     result = sample(small_model, LONG_INPUT.repeat(2 * N_SAMPLES, 1), LONG_MASKED.repeat(2 * N_SAMPLES, 1), k=3,
@@ -253,7 +259,8 @@ def test_greedy_multi_draft_equals_greedy_sequential():
     for order in ("left-to-right", "random"):
         expected = sample(wide, ids, masked, method="sequential", greedy=True, order=order, seed=1).input_ids
         for options in (dict(k=5, branches=2), dict(k=4, branches=3, bonus=True), dict(k=5, branches=2, draft="head"),
-                        dict(k=3, branches=2, draft="head", adaptive_k=True, bonus=True)):
+                        dict(k=3, branches=2, draft="head", adaptive_k=True, bonus=True),
+                        dict(k=4, branches=2, one_pass=True), dict(k=5, branches=3, draft="head", one_pass=True)):
             res = sample(wide, ids, masked, greedy=True, order=order, seed=1, **options)
             assert torch.equal(res.input_ids, expected), (order, options)
 
@@ -268,7 +275,7 @@ def test_branches_is_one_decode_option_with_clear_errors():
     config = DecodeConfig(draft="head", branches=2)
     assert config.name == "assd-head-k5+2-branches"
     assert config.label == "ASSD draft head, k=5 + 2-branches"
-    for bad in (dict(branches=0), dict(branches=1.5), dict(branches=2, one_pass=True), dict(branches=2, draft="ngram"),
+    for bad in (dict(branches=0), dict(branches=1.5), dict(branches=2, draft="ngram"),
                 dict(branches=2, verification="block"), dict(branches=2, method="sequential")):
         with pytest.raises(InputError, match="branches"):
             DecodeConfig(**bad)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .common import DecodeConfig, decode_configs, parse_shard, parse_sweep, speedup_configs
+from .common import ASSD_VARIANTS, DecodeConfig, decode_configs, parse_shard, parse_sweep, speedup_configs
 from .runner import run_task
 
 __all__ = ["add_cli", "run_task", "DecodeConfig", "decode_configs", "TASKS", "run_from_args"]
@@ -64,15 +64,15 @@ def run_from_args(args, model=None) -> dict:
     if not args.temperature > 0:
         raise InputError(f"--temperature must be > 0, got {args.temperature}")
     method = args.method or ("all" if args.eval_task == "wikitext" else "assd")
+    variants = {name: getattr(args, name) for name in ASSD_VARIANTS}
     if args.speedups:
-        if args.sweep_k or args.method or args.bonus or args.one_pass or args.adaptive_k \
-                or args.verification != "token":
-            raise InputError("--speedups chooses its own configurations; drop --method, --sweep-k, --bonus, "
-                             "--one-pass, --adaptive-k and --verification")
+        changed = [name for name, value in variants.items() if value != DecodeConfig.__dataclass_fields__[name].default]
+        if args.sweep_k or args.method or changed:
+            raise InputError("--speedups chooses its own configurations; drop --method, --sweep-k and "
+                             + ", ".join("--" + name.replace("_", "-") for name in ASSD_VARIANTS))
         configs = speedup_configs(args.k)
     else:
-        configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k), bonus=args.bonus,
-                                 one_pass=args.one_pass, adaptive_k=args.adaptive_k, verification=args.verification)
+        configs = decode_configs(method, args.draft, args.k, parse_sweep(args.sweep_k), **variants)
     shard = parse_shard(args.shard)
     rows = row_runner(args)
     if args.threads is not None:
@@ -170,7 +170,7 @@ def _common_arguments(p) -> None:
                    help="run sequential + ASSD at each k (default list 1,2,3,5,8) and plot quality and "
                         "passes per token against k")
     for f in user_fields("cli"):  # the ASSD variants, as `asarm infill` offers them
-        if f.name in ("bonus", "one_pass", "adaptive_k", "verification"):
+        if f.name in ASSD_VARIANTS:
             add_field_argument(p, f)
     p.add_argument("--speedups", action="store_true", help="run sequential, plain ASSD and each faster exact "
                    "variant (bonus, one-pass, adaptive k, combined; n-gram with bonus) side by side")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..sampling.config import DecodeConfig, config_label, draft_names, speedup_configs  # noqa: F401  (re-exported)
+from ..sampling.config import ASSD_VARIANTS, DecodeConfig, config_label, draft_names, speedup_configs  # noqa: F401  (re-exported)
 from ..seeds import batch_seed, example_seed  # noqa: F401  (batch_seed re-exported)
 
 RECORD_GLOB = "records*.jsonl"
@@ -47,14 +47,17 @@ class Example:
         return sum(self.hidden)
 
 
-def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, bonus: bool = False,
-                   one_pass: bool = False, adaptive_k: bool = False, verification: str = "token") -> list[DecodeConfig]:
+def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, **variants) -> list[DecodeConfig]:
     """The configurations a run decodes with. ``method`` "all": sequential + ASSD self + ASSD
     n-gram (the paper's WikiText table). ``sweep``: sequential + ASSD (``draft``) at each k.
-    bonus / one_pass / adaptive_k / verification apply to every ASSD configuration
-    (``DecodeConfig`` refuses one_pass for a draft without a one-pass form)."""
+    ``variants`` (``ASSD_VARIANTS``: bonus, one_pass, adaptive_k, verification, branches) apply to
+    every ASSD configuration (``DecodeConfig`` refuses one it cannot take, such as one_pass for a
+    draft without a one-pass form)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"-k must be an integer >= 1, got {k!r}")
+    unknown = set(variants) - set(ASSD_VARIANTS)
+    if unknown:
+        raise InputError(f"not ASSD variants: {', '.join(sorted(unknown))} (use {', '.join(ASSD_VARIANTS)})")
     drafts = draft_names() if draft == "both" else (draft,)
     if sweep:
         plan = [("sequential", "self", 1)] + [("assd", d, kk) for d in drafts for kk in sweep]
@@ -66,9 +69,7 @@ def decode_configs(method: str, draft: str, k: int, sweep: list[int] | None, *, 
         plan = [("assd", d, k) for d in drafts]
     else:
         raise InputError(f"unknown method {method!r}: use all, sequential or assd")
-    return [DecodeConfig(m, d, kk, bonus=bonus and m == "assd", one_pass=one_pass and m == "assd",
-                         adaptive_k=adaptive_k and m == "assd", verification=verification if m == "assd" else "token")
-            for m, d, kk in plan]
+    return [DecodeConfig(m, d, kk, **(variants if m == "assd" else {})) for m, d, kk in plan]
 
 
 def parse_sweep(text) -> list[int] | None:

@@ -21,6 +21,9 @@ from ..errors import InputError
 
 METHODS = ("sequential", "assd")
 VERIFICATIONS = ("token", "block")  # sampling/verification.py; kept here too, this module imports no torch
+# The faster exact ASSD variants: options that only change how many passes a row takes, never its
+# distribution. Evaluations offer them next to the sampler choices and apply them to ASSD only.
+ASSD_VARIANTS = ("bonus", "one_pass", "adaptive_k", "verification", "branches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +51,12 @@ PROPOSERS: dict[str, ProposerInfo] = {
     "ngram": ProposerInfo(".proposers:NgramDraft", "n-gram draft", "bigram counts of the row's own text (no pass)",
                           needs_pass=False),
     "one-pass": ProposerInfo(".proposers:OnePassDraft", "self-draft", "self drafts carried out of the oracle pass",
-                             listed=False),
+                             listed=False, branching=True),
     "head": ProposerInfo(".proposers:HeadDraft", "draft head", "a learned draft head over the draft pass's query "
                          "states, each draft conditioned on the ones before it (asarm train-draft)",
                          lookahead="head-one-pass", branching=True),
     "head-one-pass": ProposerInfo(".proposers:OnePassHeadDraft", "draft head", "head drafts from the oracle pass's "
-                                  "lookahead queries", listed=False),
+                                  "lookahead queries", listed=False, branching=True),
 }
 
 
@@ -103,9 +106,9 @@ class DecodeConfig:
                                         "never fewer drafts kept per round; with one-pass rounds it measures "
                                         "worse; default token)",
                                choices=lambda: VERIFICATIONS)
-    branches: int = option(1, "ASSD: draft this many continuations of each round's exact first draft and verify "
-                              "them in one pass, each with its own attention mask (multi-draft, recursive "
-                              "rejection; self or head drafts, two-pass rounds; default 1: one chain)",
+    branches: int = option(1, "ASSD: draft this many continuations per round and verify them in one pass, each "
+                              "with its own attention mask (multi-draft: recursive rejection among them; self or "
+                              "head drafts, two-pass or one-pass rounds; default 1: one chain)",
                            ge=1, le=8)
     cache: bool = option(True, "full recompute every pass (reference baseline)", flag="--no-cache", server=False)
     suppress: tuple[int, ...] = option((), "token ids never drawn (e.g. <unk>), besides the mask token", user=False)
@@ -131,11 +134,11 @@ class DecodeConfig:
             raise InputError(f"unknown verification {self.verification!r}: use one of {', '.join(VERIFICATIONS)}")
         if not _is_int(self.branches) or self.branches < 1:
             raise InputError(f"branches must be an integer >= 1, got {self.branches!r}")
-        if self.branches > 1 and (self.method != "assd" or self.one_pass or not PROPOSERS[self.draft].branching
+        if self.branches > 1 and (self.method != "assd" or not PROPOSERS[self.proposer].branching
                                   or self.verification != "token"):
             raise InputError("branches > 1 (multi-draft verification) applies to method='assd' with a draft that "
-                             f"can branch ({', '.join(n for n in draft_names() if PROPOSERS[n].branching)}), "
-                             "two-pass rounds (not one_pass) and token-by-token verification")
+                             f"can branch ({', '.join(n for n in draft_names() if PROPOSERS[n].branching)}) "
+                             "and token-by-token verification")
         if not all(_is_int(t) and t >= 0 for t in self.suppress):
             raise InputError(f"suppress must be token ids, got {self.suppress!r}")
         object.__setattr__(self, "suppress", tuple(sorted(set(self.suppress))))
@@ -220,7 +223,8 @@ def config_label(method: str, draft: str | None, k: int | None, variants=()) -> 
 
 def speedup_configs(k: int) -> list[DecodeConfig]:
     """Sequential, plain ASSD, each faster exact variant and their combination; then the
-    same with block verification; then the learned draft head (``head_configs``)."""
+    same with block verification; multi-draft one-pass rounds; then the learned draft head
+    (``head_configs``)."""
     return [
         DecodeConfig("sequential", k=1),
         DecodeConfig("assd", "self", k),
@@ -234,15 +238,18 @@ def speedup_configs(k: int) -> list[DecodeConfig]:
         DecodeConfig("assd", "self", k, verification="block"),
         DecodeConfig("assd", "self", k, one_pass=True, verification="block"),
         DecodeConfig("assd", "ngram", k, bonus=True, verification="block"),
+        DecodeConfig("assd", "self", k, one_pass=True, branches=3),
     ] + head_configs(k)
 
 
 def head_configs(k: int) -> list[DecodeConfig]:
     """The learned draft head (a model needs one: ``asarm train-draft``): two-pass and one-pass
-    rounds, fixed and adaptive k."""
+    rounds, fixed and adaptive k, one chain and multi-draft trees of 3 branches."""
     return [
         DecodeConfig("assd", "head", k),
         DecodeConfig("assd", "head", k, one_pass=True),
         DecodeConfig("assd", "head", k, adaptive_k=True),
         DecodeConfig("assd", "head", k, one_pass=True, adaptive_k=True),
+        DecodeConfig("assd", "head", k, branches=3),
+        DecodeConfig("assd", "head", k, one_pass=True, branches=3),
     ]

@@ -91,20 +91,26 @@ class HeadDrafter:
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, positions: list[int], prev_token: int, prev_pos: int | None, target,
-              generator: torch.Generator, first: tuple[int, torch.Tensor] | None = None):
+              generator: torch.Generator, first: tuple[int, torch.Tensor] | None = None, n_chains: int = 0):
         """Drafts for ``positions`` (in order) from their query states ``hidden`` [b, d]: each step
         feeds the token before it (``prev_token`` at ``prev_pos`` for the first; None: nothing
         decoded yet), draws with one uniform from ``generator``. ``first``: (token, proposal) of
         an exact first draft, kept as it is (the head still reads it). Returns (tokens, [b, V]).
 
+        ``n_chains`` >= 1: that many continuations for a multi-draft round, returned as
+        (tokens [n_chains][b], probs [n_chains, b, V]). They share every step up to the first
+        drawn one, which is computed once and drawn ``n_chains`` times (independent draws from
+        one proposal, as recursive rejection needs); the later steps run the chains as the rows
+        of one batch, so a step reads the head's and the LM head's weights once for all of them.
+
         The same arithmetic as ``DraftHead.step`` per position, bit for bit (same kernels on
-        the same values), with the per-step overhead taken out: everything that does not
-        depend on the drafts (step and gap embeddings, the query states' half of the input
-        linear's operand) is gathered once per block, and the operands of the two
-        concatenating linears live in buffers filled in place (tests/test_draft_head.py
-        compares against ``step``)."""
+        the same values) while one row is drafted, with the per-step overhead taken out:
+        everything that does not depend on the drafts (step and gap embeddings, the query
+        states' half of the input linear's operand) is gathered once per block, and the
+        operands of the two concatenating linears live in buffers filled in place
+        (tests/test_draft_head.py compares against ``step``)."""
         head, d, dh = self.head, self.embedding.shape[1], self.head.config.d_hidden
-        b = len(positions)
+        b, chains = len(positions), max(n_chains, 1)
         steps = [min(i, head.config.max_steps - 1) for i in range(b)]
         gaps = [0 if p is None else min(max(pos - p, 0), MAX_GAP - 1)
                 for pos, p in zip(positions, [prev_pos, *positions[:-1]])]
@@ -115,23 +121,39 @@ class HeadDrafter:
         joined = torch.empty(1, 2 * dh, device=hidden.device)  # [u, state] for the output linear
         inp, mid, out_linear, cell = head.inp, head.mid, head.out, head.cell
         state = torch.zeros(1, dh, device=hidden.device)  # what nn.GRUCell starts from given None
-        tokens, probs = [], []
+        previous = [prev_token]  # the token before the next step, per row of the batch (one row until it branches)
+        tokens, probs = [], []  # per step: a token per chain, the proposal [rows, V]
         for i in range(b):
-            row = operand[i : i + 1]
-            row[0, d:] = self.embedding[prev_token]
+            rows = len(previous)
+            if rows == 1:
+                row = operand[i : i + 1]
+                row[0, d:] = self.embedding[previous[0]]
+            else:
+                row = torch.cat([hidden[i].expand(rows, d), self.embedding[previous]], dim=1)
+                if joined.shape[0] != rows:
+                    joined = torch.empty(rows, 2 * dh, device=hidden.device)
             u = F.gelu(F.linear(row, inp.weight, inp.bias) + step_rows[i : i + 1] + gap_rows[i : i + 1],
                        approximate="tanh")
             state = torch.gru_cell(u, state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
             if i == 0 and first is not None:
                 token, p = first
+                drawn, p = [token], p[None]
             else:
                 joined[:, :dh] = u
                 joined[:, dh:] = state
                 mixed = F.gelu(F.linear(joined, mid.weight, mid.bias), approximate="tanh")
                 corrected = hidden[i : i + 1] + F.linear(mixed, out_linear.weight, out_linear.bias)
-                p = target.probs(self._readout(corrected))[0]
-                token = int(draw(p, torch.rand((), generator=generator, dtype=torch.float64).to(p.device)))
-            tokens.append(token)
-            probs.append(p)
-            prev_token = token
-        return tokens, torch.stack(probs)
+                p = target.probs(self._readout(corrected))
+                if rows == 1 and n_chains < 1:  # one chain (one uniform, as the step-by-step head draws)
+                    drawn = [int(draw(p[0], torch.rand((), generator=generator, dtype=torch.float64).to(p.device)))]
+                else:  # the branch point draws every chain from its one proposal, later steps a token per chain
+                    u_rows = torch.rand(chains, generator=generator, dtype=torch.float64).to(p.device)
+                    drawn = draw(p.expand(chains, -1), u_rows).tolist()
+                    if rows == 1 and chains > 1:
+                        state = state.expand(chains, dh).contiguous()
+            tokens.append(drawn if len(drawn) == chains else drawn * chains)
+            probs.append(p.expand(chains, -1))
+            previous = drawn
+        if n_chains < 1:
+            return [t[0] for t in tokens], torch.stack(probs)[:, 0]
+        return [[t[c] for t in tokens] for c in range(chains)], torch.stack(probs, dim=1)

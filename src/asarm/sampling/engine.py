@@ -318,11 +318,11 @@ class Engine:
     def _verify_tree(row: Row, plan: Plan, probs: torch.Tensor) -> TreeVerdict:
         """One multi-draft row's verdict from its query rows' target distributions ``probs``."""
         tree = row.block
-        first = tree.first.tokens[0]
+        trunk = [] if tree.trunk is None else [float(p[tok]) for tok, p in zip(tree.trunk.tokens, tree.trunk.probs)]
         chains = [(branch.tokens[1:], branch.probs[1:], probs[rows.targets], probs[rows.bonus] if rows.bonus >= 0 else None)
                   for branch, rows in zip(tree.branches, plan.branches)]
-        return verify_tree(float(tree.first.probs[0, first]), [branch.tokens[0] for branch in tree.branches],
-                           tree.branches[0].probs[0], probs[plan.shared_target], chains, row.uniforms(plan).tolist())
+        return verify_tree(trunk, [branch.tokens[0] for branch in tree.branches], tree.branches[0].probs[0],
+                           probs[plan.shared_target], chains, row.uniforms(plan).tolist())
 
     def _verify(self, rows, plans, probs, u_accept, u_next, K) -> Verdict:
         """Pack the verifying rows' drafts and proposals for ``verify``; targets stay in place.

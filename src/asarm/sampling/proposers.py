@@ -62,15 +62,20 @@ class Block:
 
 @dataclasses.dataclass
 class Tree:
-    """Multi-draft: several continuations of one exact first draft, each drawn independently
-    given it, so their first drafts are independent draws from one proposal (what recursive
-    rejection at that position needs, sampling/verification.py ``verify_tree``)."""
+    """Multi-draft: several continuations of a shared ``trunk`` (a two-pass round's exact first
+    draft, or nothing in one-pass rounds), each drawn independently given it, so their first
+    drafts are independent draws from one proposal (what recursive rejection at that position
+    needs, sampling/verification.py ``verify_tree``)."""
 
-    first: Block  # the exact first draft (one token)
-    branches: list[Block]  # the continuations, one length, for the positions after it
+    trunk: Block | None  # exact drafts every continuation follows (None: they branch at once)
+    branches: list[Block]  # the continuations, one length, for the positions after the trunk
+
+    @property
+    def n_trunk(self) -> int:
+        return 0 if self.trunk is None else len(self.trunk)
 
     def __len__(self) -> int:
-        return 1 + len(self.branches[0])
+        return self.n_trunk + len(self.branches[0])
 
 
 @dataclasses.dataclass
@@ -103,6 +108,12 @@ class Proposer:
         only proposers whose registry entry says ``branching``."""
         raise NotImplementedError
 
+    def carry_tree(self, view: RowView, leftover: Block | None, checked: Drawn, extra: Drawn,
+                   n_branches: int) -> Tree | None:
+        """``carry`` for multi-draft one-pass rounds: ``n_branches`` independent continuations
+        of the next block, from the chosen continuation's rows of the oracle pass."""
+        return None
+
     def oracle_extras(self, view: RowView, block: int) -> tuple[bool, int]:
         """(query the position after the block, how many lookahead queries after that one)."""
         return self.bonus, 0
@@ -134,10 +145,13 @@ class SelfDraft(Proposer):
         again from the same marginals (the row's generator), so all are independent."""
         probs = drawn.probs[1:block]
         branches = [Block(drawn.tokens[1:block], probs)]
-        for _ in range(n_branches - 1):
-            u = torch.rand(block - 1, generator=view.generator, dtype=torch.float64)
-            branches.append(Block(draw(probs, u.to(probs.device)).tolist(), probs))
+        branches += [self._draws(view, probs) for _ in range(n_branches - 1)]
         return Tree(Block(drawn.tokens[:1], drawn.probs[:1], exact_first=True), branches)
+
+    @staticmethod
+    def _draws(view, probs: torch.Tensor) -> Block:
+        u = torch.rand(probs.shape[0], generator=view.generator, dtype=torch.float64)
+        return Block(draw(probs, u.to(probs.device)).tolist(), probs)
 
 
 class OnePassDraft(SelfDraft):
@@ -164,6 +178,15 @@ class OnePassDraft(SelfDraft):
         parts = ([leftover.probs] if leftover else []) + [extra.probs]
         block = min(view.block_size, view.n_left)
         return Block(tokens[:block], torch.cat(parts)[:block])
+
+    def carry_tree(self, view, leftover, checked, extra, n_branches):
+        """The same proposals as ``carry`` (the chosen continuation's untested ones, then the
+        lookahead rows'), every continuation drawn from them afresh."""
+        parts = ([leftover.probs] if leftover else []) + [extra.probs]
+        probs = torch.cat(parts)[: min(view.block_size, view.n_left)]
+        if probs.shape[0] == 0:
+            return None
+        return Tree(None, [self._draws(view, probs) for _ in range(n_branches)])
 
 
 class HeadDraft(SelfDraft):
@@ -193,15 +216,25 @@ class HeadDraft(SelfDraft):
                                            view.generator, first)
         return Block(tokens, probs, exact_first=first is not None)
 
+    def _draft_tree(self, view, hidden, n, n_branches, first=None) -> Tree:
+        """``n_branches`` continuations, drafted together (``HeadDrafter.draft``'s ``n_chains``):
+        after the trunk (the exact ``first`` draft, if any) they branch at once."""
+        positions = list(view.order[view.n_decoded : view.n_decoded + n])
+        tokens, probs = view.drafter.draft(hidden[:n], positions, *self._previous(view), view.target,
+                                           view.generator, first, n_chains=n_branches)
+        t = 0 if first is None else 1
+        trunk = Block(tokens[0][:t], probs[0, :t], exact_first=True) if t else None
+        return Tree(trunk, [Block(chain[t:], probs[c, t:]) for c, chain in enumerate(tokens)])
+
     def propose(self, view, block, drawn):
         return self._draft(view, drawn.hidden, block, (drawn.tokens[0], drawn.probs[0]))
 
     def propose_tree(self, view, block, drawn, n_branches):
-        """The head run once per continuation from the same exact first draft: each run's second
-        step computes the same proposal and draws from it with its own uniform."""
-        chains = [self.propose(view, block, drawn) for _ in range(n_branches)]
-        return Tree(Block(chains[0].tokens[:1], chains[0].probs[:1], exact_first=True),
-                    [chain.tail(1) for chain in chains])
+        return self._draft_tree(view, drawn.hidden, block, n_branches, (drawn.tokens[0], drawn.probs[0]))
+
+    def _hidden_after(self, view, leftover, checked, extra) -> torch.Tensor:
+        parts = ([checked.hidden] if leftover is not None else []) + [extra.hidden]
+        return torch.cat(parts)
 
 
 class OnePassHeadDraft(HeadDraft):
@@ -213,10 +246,14 @@ class OnePassHeadDraft(HeadDraft):
         return True, view.block_size - 1
 
     def carry(self, view, leftover, checked, extra):
-        parts = ([checked.hidden] if leftover is not None else []) + [extra.hidden]
-        hidden = torch.cat(parts)
+        hidden = self._hidden_after(view, leftover, checked, extra)
         n = min(view.block_size, view.n_left, hidden.shape[0])
         return self._draft(view, hidden, n) if n > 0 else None
+
+    def carry_tree(self, view, leftover, checked, extra, n_branches):
+        hidden = self._hidden_after(view, leftover, checked, extra)
+        n = min(view.block_size, view.n_left, hidden.shape[0])
+        return self._draft_tree(view, hidden, n, n_branches) if n > 0 else None
 
 
 class NgramDraft(Proposer):

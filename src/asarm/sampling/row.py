@@ -40,6 +40,7 @@ class BranchRows(NamedTuple):
     contents: list[int]  # indices of its drafts' content rows among the plan's contents
     targets: list[int]  # query rows with the targets of its drafts after the first
     bonus: int  # the query row after its last draft (-1: none)
+    lookahead: int = 0  # one-pass rounds: proposal queries after the bonus query
 
 
 @dataclasses.dataclass
@@ -193,27 +194,29 @@ class Row:
         return self._tree_plan(base) if isinstance(self.block, Tree) else self._verify_plan(base)
 
     def _tree_plan(self, base: list[Content]) -> Plan:
-        """A multi-draft pass: the first draft's content (branch 0), the shared query of the
-        position after it (sees the first draft only), then per continuation j its drafts'
-        contents and the queries of its later targets and bonus, all of branch j."""
-        n, tree = self.n_decoded, self.block
-        b = len(tree)
-        bonus, _ = self.proposer.oracle_extras(self.view(), b)
+        """A multi-draft pass: the trunk's contents (branch 0), the shared query of the position
+        after it (sees the trunk only), then per continuation j its drafts' contents and the
+        queries of its later targets, bonus and lookahead, all of branch j."""
+        n, tree, order = self.n_decoded, self.block, self.order
+        b, t = len(tree), tree.n_trunk
+        bonus, n_lookahead = self.proposer.oracle_extras(self.view(), b)
         extended = bonus and n + b < self.n_hidden
-        n_contents = b - 1 if extended else b - 2  # a continuation's drafts that a later query reads
-        contents = base + [Content(self.order[n], tree.first.tokens[0], n + 1)]
-        queries = [Query(self.order[n + 1], n + 2)]
+        n_lookahead = min(n_lookahead, self.n_hidden - (n + b + 1)) if extended else 0
+        m = b - t  # drafts per continuation
+        n_contents = m if extended else m - 1  # those a later query reads
+        contents = base + [Content(order[n + i], tree.trunk.tokens[i], n + 1 + i) for i in range(t)]
+        queries = [Query(order[n + t], n + t + 1)]
         layout = []
         for j, branch in enumerate(tree.branches, start=1):
             rows = list(range(len(contents), len(contents) + n_contents))
-            contents += [Content(self.order[n + 1 + i], branch.tokens[i], n + 2 + i, j) for i in range(n_contents)]
-            targets = list(range(len(queries), len(queries) + b - 2))
-            queries += [Query(self.order[n + 2 + i], n + 3 + i, j) for i in range(b - 2)]
+            contents += [Content(order[n + t + i], branch.tokens[i], n + t + 1 + i, j) for i in range(n_contents)]
+            targets = list(range(len(queries), len(queries) + m - 1))
+            queries += [Query(order[n + t + 1 + i], n + t + 2 + i, j) for i in range(m - 1)]
             bonus_row = -1
             if extended:
                 bonus_row = len(queries)
-                queries.append(Query(self.order[n + b], n + b + 1, j))
-            layout.append(BranchRows(rows, targets, bonus_row))
+                queries += [Query(order[n + b + i], n + b + 1, j) for i in range(1 + n_lookahead)]
+            layout.append(BranchRows(rows, targets, bonus_row, n_lookahead))
         return Plan("tree", contents, queries, len(base), shared_target=0, branches=layout)
 
     def _verify_plan(self, base: list[Content]) -> Plan:
@@ -270,21 +273,32 @@ class Row:
         return self._after_verify(plan, out)
 
     def _after_tree(self, plan: Plan, out: Outcome) -> tuple[list[int], list[int]]:
-        """Decode the first draft, the kept drafts of the chosen continuation and the next
-        token; the cache keeps the pending rows, the first draft's and the kept drafts' rows."""
+        """Decode the trunk, the kept drafts of the chosen continuation and the next token; the
+        cache keeps the pending rows, the trunk's and the kept drafts' rows. One-pass rounds
+        draft the next tree from the chosen continuation's rows (the first one's when none was
+        kept)."""
         tree, self.block = self.block, None
-        kept = list(range(plan.n_pending + 1))  # pending rows, then the first draft's
-        tokens = tree.first.tokens[:]
-        if out.branch >= 0:
-            branch, rows = tree.branches[out.branch], plan.branches[out.branch].contents
-            tokens += branch.tokens[: out.n_accepted - 1]
-            kept += rows[: out.n_accepted - 1]
-        rejected = out.n_accepted < len(tree)
-        probs = out.draft_prob[: out.n_accepted]
+        t, n_kept = tree.n_trunk, out.n_accepted
+        w = max(out.branch, 0)
+        branch, rows = tree.branches[w], plan.branches[w]
+        kept_drafts = n_kept - t if out.branch >= 0 else 0
+        tokens = (tree.trunk.tokens if t else []) + branch.tokens[:kept_drafts]
+        kept = list(range(plan.n_pending + t)) + rows.contents[:kept_drafts]
+        rejected = n_kept < len(tree)
+        probs = out.draft_prob[:n_kept]
         if out.next_token >= 0:
             tokens, probs = tokens + [out.next_token], probs + [out.next_prob]
         self.block_size = next_k(self.config, self.block_size, not rejected)
-        positions = self._decode(tokens, probs, self.order[self.n_decoded + out.n_accepted] if rejected else None)
+        positions = self._decode(tokens, probs, self.order[self.n_decoded + n_kept] if rejected else None)
+        if not self.done:  # one-pass rounds: this pass also proposed the next block
+            hidden = out.hidden
+            lookahead = slice(rows.bonus + (0 if rejected else 1), rows.bonus + 1 + rows.lookahead) \
+                if rows.bonus >= 0 else slice(0, 0)
+            extra = Drawn([], out.probs[lookahead], None if hidden is None else hidden[lookahead])
+            after = rows.targets[kept_drafts:] if rejected else []  # the targets of the drafts after the rejected one
+            checked = Drawn([], out.probs[after], None if hidden is None else hidden[after])
+            self.block = self.proposer.carry_tree(self.view(), branch.tail(kept_drafts + 1) if rejected else None,
+                                                  checked, extra, self.config.branches)
         return kept, positions
 
     def _after_verify(self, plan: Plan, out: Outcome) -> tuple[int, list[int]]:

@@ -234,10 +234,11 @@ def recursive_rejection(target: torch.Tensor, proposal: torch.Tensor, candidates
     return -1, residual_probs
 
 
-def verify_tree(first_prob: float, candidates: list[int], proposal: torch.Tensor, target: torch.Tensor,
+def verify_tree(trunk_probs: list[float], candidates: list[int], proposal: torch.Tensor, target: torch.Tensor,
                 chains: list[tuple], uniforms: list[float]) -> TreeVerdict:
-    """A multi-draft round after an exact first draft (kept as it is, target probability
-    ``first_prob``): ``candidates`` are the continuations' drafts at the next position, drawn
+    """A multi-draft round after its trunk (exact drafts, kept as they are, with target
+    probabilities ``trunk_probs``; none in one-pass rounds): ``candidates`` are the
+    continuations' drafts at the next position, drawn
     independently from ``proposal`` [V], checked against ``target`` [V] by recursive rejection;
     the chosen continuation's later drafts are then checked token by token. ``chains``: per
     continuation (drafts after its first, their proposals [m, V], their targets [m, V], the
@@ -253,9 +254,9 @@ def verify_tree(first_prob: float, candidates: list[int], proposal: torch.Tensor
     u_next = torch.tensor(uniforms[-1], dtype=torch.float64, device=target.device)
     if picked < 0:
         token = int(_target.draw(rest, u_next))
-        return TreeVerdict(-1, 1, token, float(target[token]), [first_prob])
+        return TreeVerdict(-1, len(trunk_probs), token, float(target[token]), list(trunk_probs))
     drafts, draft_probs, target_probs, bonus = chains[picked]
-    kept = [first_prob, float(target[candidates[picked]])]
+    kept = [*trunk_probs, float(target[candidates[picked]])]
     for i, token in enumerate(drafts):
         p, q = float(draft_probs[i, token]), float(target_probs[i, token])
         if uniforms[n + i] * p > q:
