@@ -180,13 +180,19 @@ class OnePassDraft(SelfDraft):
         return Block(tokens[:block], torch.cat(parts)[:block])
 
     def carry_tree(self, view, leftover, checked, extra, n_branches):
-        """The same proposals as ``carry`` (the chosen continuation's untested ones, then the
-        lookahead rows'), every continuation drawn from them afresh."""
+        """The same proposals as ``carry``: the chosen continuation's untested ones, then the
+        lookahead rows'. The first continuation keeps its untested drafts, as ``carry`` does (the
+        lookahead rows saw them: redrawn, they would fit those proposals less well; measured,
+        results/multi-draft) and draws the lookahead positions; the others draw every position
+        afresh. An untested draft is still a draw from its proposal, independent of the
+        others, so the continuations' first drafts stay independent draws from one proposal."""
         parts = ([leftover.probs] if leftover else []) + [extra.probs]
         probs = torch.cat(parts)[: min(view.block_size, view.n_left)]
         if probs.shape[0] == 0:
             return None
-        return Tree(None, [self._draws(view, probs) for _ in range(n_branches)])
+        kept = leftover.tokens[: probs.shape[0]] if leftover else []
+        first = Block(kept + self._draws(view, probs[len(kept):]).tokens, probs)
+        return Tree(None, [first] + [self._draws(view, probs) for _ in range(n_branches - 1)])
 
 
 class HeadDraft(SelfDraft):
