@@ -9,11 +9,13 @@ and loads.
 - Greedy head drafting equals greedy sequential decoding token for token.
 - ``asarm train-draft`` runs end to end on a tiny model with a tokenizer and saves a head that
   ``load_model`` picks up; heads that do not match their model, corrupt files and models
-  without a head fail with clear errors.
+  without a head fail with clear errors. ``--init-from`` starts a run from a saved head's weights
+  and refuses a directory without a head, ``--resume`` and a different ``--d-hidden``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -334,3 +336,62 @@ def test_train_draft_resumes_an_interrupted_run(tmp_path, monkeypatch):
     draft.train_draft_head(model, str(config), out, options, resume=True, log=lines.append)
     assert "resuming at step 3" in lines[1]
     assert json.loads((out / "draft_head.json").read_text())["trained"]["steps"] == 4
+
+
+def test_train_draft_init_from_starts_from_a_saved_head(tmp_path, capsys, monkeypatch):
+    """--init-from: the new run's head starts with the saved head's weights (what the optimizer is
+    built on, before any step), trains on from them, and its json names where it came from."""
+    from asarm.checkpoint import load_model
+    from asarm.cli import main
+    from asarm.train import draft
+
+    _, config = _tiny_recipe(tmp_path)
+    model = load_model(tmp_path / "model", device="cpu")
+    source = tmp_path / "source"
+    save_head(random_head(model, seed=5, scale=0.2), source, meta={"trained": {"steps": 7, "minutes": 0.5}})
+    expected = load_head(source, model.config).state_dict()
+    assert expected["out.weight"].abs().sum() > 0  # unlike an untrained head's zero output layer
+    built_on = []
+    adamw = torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        params = list(params)
+        built_on.append([p.detach().clone() for p in params])
+        return adamw(params, **kwargs)
+
+    monkeypatch.setattr(draft.torch.optim, "AdamW", spy)
+    out = tmp_path / "longer"
+    argv = ["train-draft", str(tmp_path / "model"), "--config", str(config), "--steps", "2", "--batch-size", "4",
+            "--dtype", "fp32", "--threads", "1", "--out", str(out), "--init-from", str(source), "--lr", "1e-2",
+            "--warmup-steps", "1"]
+    assert main(argv) == 0
+    monkeypatch.undo()
+    names = [name for name, _ in draft.DraftHead(load_head(source, model.config).config).named_parameters()]
+    assert len(built_on) == 1 and len(names) == len(built_on[0])
+    for name, start in zip(names, built_on[0]):
+        assert torch.equal(start, expected[name]), name
+    trained = load_head(out, model.config).state_dict()
+    assert not torch.equal(trained["out.weight"], expected["out.weight"])  # and it did train on
+    meta = json.loads((out / "draft_head.json").read_text())
+    assert meta["d_hidden"] == 16  # the source's width, without --d-hidden
+    assert meta["trained"]["init_from"] == {"head": str(source), "steps": 7, "minutes": 0.5}
+    assert meta["trained"]["steps"] == 2 and meta["trained"]["warmup_steps"] == 1
+    capsys.readouterr()
+
+    options = draft.DraftTrainOptions(steps=1, batch_size=4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=r"--init-from .*empty: no draft head there \(no draft_head.safetensors\)"):
+        draft.train_draft_head(model, str(config), tmp_path / "x", options, init_from=empty, log=lambda *a: None)
+    with pytest.raises(InputError, match="--init-from starts a new run.*--resume continues"):
+        draft.train_draft_head(model, str(config), tmp_path / "x", options, resume=True, init_from=source,
+                               log=lambda *a: None)
+    with pytest.raises(InputError, match="its head has d_hidden 16, not the --d-hidden 32"):
+        draft.train_draft_head(model, str(config), tmp_path / "x", dataclasses.replace(options, d_hidden=32),
+                               init_from=source, log=lambda *a: None)
+    save_head(DraftHead(DraftHeadConfig(model.config.d_model + 1, model.config.vocab_size, 8)), tmp_path / "other")
+    with pytest.raises(CheckpointError, match="does not match its model"):
+        draft.train_draft_head(model, str(config), tmp_path / "x", options, init_from=tmp_path / "other",
+                               log=lambda *a: None)
+    assert main(argv[:argv.index("--init-from")] + ["--init-from", str(empty)]) == 2  # the CLI says the same
+    assert "no draft head there" in capsys.readouterr().err

@@ -19,7 +19,9 @@ exact conditional already). The acceptance probability of a draft is 1 - TV(teac
 the KL bounds the TV (Pinsker), so this is the quantity speculative decoding rewards.
 
 The run is bounded by ``--minutes`` and/or ``--steps``; a resumable state is written atomically
-every ``save_every`` steps, the head itself at the end (``draft_head.save_head``).
+every ``save_every`` steps, the head itself at the end (``draft_head.save_head``). A finished run
+cannot be resumed, so ``--init-from DIR`` trains on from the head saved in DIR instead (a warm
+start: the weights only, with a fresh optimizer and learning-rate schedule).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..draft_head import DraftHead, DraftHeadConfig, head_readout, save_head
+from ..draft_head import HEAD_CONFIG, HEAD_WEIGHTS, DraftHead, DraftHeadConfig, has_head, head_readout, load_head, save_head
 from ..errors import CheckpointError, InputError
 from ..ranks import key_ranks, training_ranks
 
 STATE = "draft_head.train.pt"  # resumable state, beside the head while training
+DEFAULT_D_HIDDEN = 384
 
 
 @dataclasses.dataclass
@@ -47,7 +50,7 @@ class DraftTrainOptions:
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 50
-    d_hidden: int = 384
+    d_hidden: int | None = None  # None: DEFAULT_D_HIDDEN, or the --init-from head's
     min_block: int = 3
     max_block: int = 8
     seed: int = 0
@@ -150,35 +153,70 @@ def block_metrics(logp_head: torch.Tensor, logp_teacher: torch.Tensor, hidden: t
             "accept_self": float(torch.minimum(p_self, q).sum(-1).mean())}
 
 
-def _save_state(out: Path, head, optimizer, step: int, elapsed: float, generator) -> None:
+def _save_state(out: Path, head, optimizer, step: int, elapsed: float, generator, init_from: dict | None) -> None:
     tmp = out / (STATE + ".tmp")
     torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-                "generator": generator.get_state(), "config": dataclasses.asdict(head.config)}, tmp)
+                "generator": generator.get_state(), "config": dataclasses.asdict(head.config),
+                "init_from": json.dumps(init_from)}, tmp)
     tmp.replace(out / STATE)
 
 
+def initial_head(model, init_from, d_hidden: int | None) -> tuple[DraftHead, dict]:
+    """The head saved in ``init_from`` (checked against ``model`` by ``load_head``) to train on,
+    and what the new head's json records about it: its directory and, where its json says, the
+    steps and minutes it was already trained."""
+    directory = Path(init_from)
+    if not has_head(directory):
+        raise InputError(f"--init-from {directory}: no draft head there (no {HEAD_WEIGHTS}); give a directory "
+                         "that `asarm train-draft` saved a head into")
+    head = load_head(directory, model.config)
+    if d_hidden is not None and d_hidden != head.config.d_hidden:
+        raise InputError(f"--init-from {directory}: its head has d_hidden {head.config.d_hidden}, not the "
+                         f"--d-hidden {d_hidden} asked for (leave --d-hidden out to keep the head's)")
+    source = {"head": str(directory)}
+    trained = json.loads((directory / HEAD_CONFIG).read_text()).get("trained")
+    if isinstance(trained, dict):
+        source.update({k: trained[k] for k in ("steps", "minutes", "init_from") if k in trained})
+    return head.train(), source
+
+
 def train_draft_head(model, config_path: str, out, options: DraftTrainOptions, resume: bool = False,
-                     log=print) -> Path:
-    """Train a head for ``model`` (frozen) on its recipe; save it into ``out``. Returns its path."""
+                     init_from=None, log=print) -> Path:
+    """Train a head for ``model`` (frozen) on its recipe; save it into ``out``. Returns its path.
+    ``init_from``: a directory holding a head for this model to start from (module docstring)."""
     out = Path(out)
+    if init_from is not None and resume:
+        raise InputError("--init-from starts a new run from a saved head; --resume continues an unfinished run "
+                         "(its state holds the weights): give one of them")
     if (out / STATE).exists() and not resume:
         raise InputError(f"{out} holds an unfinished draft-head run ({STATE}): pass --resume to continue it, or "
                          "remove the file")
     if resume and not (out / STATE).exists():
         raise InputError(f"--resume: no unfinished draft-head run in {out} ({STATE})")
     mask_id = model.config.mask_token_id
+    source, state = None, None
+    if resume:
+        try:
+            state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{out / STATE}: cannot resume ({type(exc).__name__}: {exc})") from None
+    if init_from is not None:  # before the data: a bad directory answers at once
+        head, source = initial_head(model, init_from, options.d_hidden)
+        log(f"starting from the head in {init_from} ({source})")
+    else:
+        d_hidden = options.d_hidden or (state or {}).get("config", {}).get("d_hidden") or DEFAULT_D_HIDDEN
+        head = DraftHead(DraftHeadConfig(model.config.d_model, model.config.vocab_size, d_hidden))
     train, valid, facts = recipe_chunks(model, config_path, options.max_chars, log)
     generator = torch.Generator().manual_seed(options.seed)
-    head = DraftHead(DraftHeadConfig(model.config.d_model, model.config.vocab_size, options.d_hidden))
     optimizer = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if resume:
         try:
-            state = torch.load(out / STATE, map_location="cpu", weights_only=True)
             head.load_state_dict(state["head"])
             optimizer.load_state_dict(state["optimizer"])
             step, elapsed = int(state["step"]), float(state["elapsed"])
             generator.set_state(state["generator"])
+            source = json.loads(state.get("init_from", "null"))
         except Exception as exc:
             raise CheckpointError(f"{out / STATE}: cannot resume ({type(exc).__name__}: {exc})") from None
         log(f"resuming at step {step} ({elapsed / 60:.1f} min done)")
@@ -230,14 +268,16 @@ def train_draft_head(model, config_path: str, out, options: DraftTrainOptions, r
         if step % options.eval_every == 0:
             log(f"step {step}: validation {evaluate()}")
         if step % options.save_every == 0:
-            _save_state(out, head, optimizer, step, time.perf_counter() - start_time, generator)
+            _save_state(out, head, optimizer, step, time.perf_counter() - start_time, generator, source)
     final = evaluate()
     minutes = (time.perf_counter() - start_time) / 60
     log(f"done: {step} steps in {minutes:.1f} min; validation {final}")
     head.eval()
     meta = {"trained": {"steps": step, "minutes": round(minutes, 1), "batch_size": options.batch_size,
                         "threads": torch.get_num_threads(), "objective": "KL(model chain conditional || head)",
-                        "validation": {k: round(v, 4) for k, v in final.items()}, **facts}}
+                        "validation": {k: round(v, 4) for k, v in final.items()}, **facts,
+                        "lr": options.lr, "warmup_steps": options.warmup_steps, "seed": options.seed,
+                        **({"init_from": source} if source else {})}}
     path = save_head(head, out, meta=meta)
     (out / STATE).unlink(missing_ok=True)
     log(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB) and {out / 'draft_head.json'}")
@@ -272,12 +312,19 @@ def add_cli(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: the time budget)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"chunks per step (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of linear warmup to the peak "
+                   f"learning rate, then a cosine decay to a tenth of it at the end (default {d.warmup_steps})")
+    p.add_argument("--d-hidden", type=int, default=None, help=f"the head's width (default {DEFAULT_D_HIDDEN}, or "
+                   "the --init-from head's)")
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters of the recipe's text to read "
                    f"(default {d.max_chars:,})")
     p.add_argument("--dtype", default="auto", choices=["fp32", "bf16", "auto"], help="the frozen model's dtype "
                    "during training (auto: bf16 on a CPU with native bf16; the head trains in fp32)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    p.add_argument("--init-from", default=None, metavar="DIR", help="start from the draft head saved in DIR "
+                   "(e.g. the model's directory) instead of an untrained one, to train a finished head longer; "
+                   "a fresh optimizer and schedule (a lower --lr suits a warm start)")
     add_threads_argument(p)
     p.set_defaults(func=run_train_draft)
 
@@ -289,13 +336,17 @@ def run_train_draft(args) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise InputError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("steps", "warmup_steps", "d_hidden"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     model = load_model(args.model, device="cpu", dtype=args.dtype)
     config = args.config or default_config(model)
     out = args.out or model.name_or_path
     options = DraftTrainOptions(minutes=args.minutes, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                max_chars=args.max_chars, seed=args.seed)
-    path = train_draft_head(model, config, out, options, resume=args.resume, log=lambda *a: print(*a, flush=True))
+                                max_chars=args.max_chars, seed=args.seed, warmup_steps=args.warmup_steps,
+                                d_hidden=args.d_hidden)
+    path = train_draft_head(model, config, out, options, resume=args.resume, init_from=args.init_from,
+                            log=lambda *a: print(*a, flush=True))
     print(json.dumps({"head": str(path), **json.loads((path.parent / "draft_head.json").read_text())}))
     return 0
