@@ -7,10 +7,11 @@ Rows: ``--windows`` consecutive 128-token windows of the WikiText-2 test text, 9
 (``asarm bench``'s inputs, its seed), one row at a time, one torch thread. Each repeat decodes
 every window with every configuration (``asarm.sampling.speedup_configs``, picked by name with
 ``--only``; sequential always), the configurations in a rotated order, so a slow spell of a
-shared machine hits all of them alike; a warm-up decode of the first window comes before.
-Reported per configuration: tokens/s over all windows (median over repeats), its ratio to
-sequential in the same repeat (median over repeats), passes per token and tokens per round over
-all windows (the same in every repeat: fixed seeds). Written as JSON and Markdown to ``--out``.
+shared machine hits all of them alike (each window is decoded by every configuration back to
+back); a warm-up decode of the first window comes before. Reported per configuration: tokens/s
+over all windows (median over repeats), its speed against sequential (the median over windows
+and repeats of the sequential run's time on the same window in the same repeat over its own),
+passes per token and tokens per round over all windows (the same in every repeat: fixed seeds). Written as JSON and Markdown to ``--out``.
 """
 
 from __future__ import annotations
@@ -61,25 +62,27 @@ def main() -> None:
         return time.perf_counter() - start, result
 
     decode(configs[0], 0)  # warm-up: first-call costs (kernel selection, packing) are not a configuration's
-    seconds = {c.name: [] for c in configs}
+    seconds = {c.name: [[0.0] * args.windows for _ in range(args.repeats)] for c in configs}
     counts = {}
     for repeat in range(args.repeats):
-        shift = repeat % len(configs)
-        for config in configs[shift:] + configs[:shift]:
-            total, nfe, rounds = 0.0, 0, 0
-            for window in range(args.windows):
+        for window in range(args.windows):  # every configuration on one window back to back: a slow spell hits all
+            shift = (repeat * args.windows + window) % len(configs)
+            for config in configs[shift:] + configs[:shift]:
                 elapsed, result = decode(config, window)
-                total, nfe, rounds = total + elapsed, nfe + int(result.nfe), rounds + int(result.rounds)
-            seconds[config.name].append(total)
-            counts[config.name] = (nfe, rounds)
+                seconds[config.name][repeat][window] = elapsed
+                counts[(config.name, window)] = (int(result.nfe), int(result.rounds))
     tokens = int(masked.sum())
     rows = []
     for config in configs:
-        nfe, rounds = counts[config.name]
-        ratios = [s / t for s, t in zip(seconds["sequential"], seconds[config.name])]
-        rows.append(dict(config=config.name, label=config.label, tokens_per_s=tokens / statistics.median(seconds[config.name]),
+        nfe = sum(counts[(config.name, w)][0] for w in range(args.windows))
+        rounds = sum(counts[(config.name, w)][1] for w in range(args.windows))
+        runs = seconds[config.name]
+        # the ratio per window and repeat: the same window's sequential run, a few seconds apart
+        ratios = [seconds["sequential"][r][w] / runs[r][w] for r in range(args.repeats) for w in range(args.windows)]
+        rows.append(dict(config=config.name, label=config.label,
+                         tokens_per_s=tokens / statistics.median(sum(run) for run in runs),
                          vs_sequential=statistics.median(ratios), passes_per_token=nfe / tokens,
-                         tokens_per_round=tokens / rounds, seconds=seconds[config.name]))
+                         tokens_per_round=tokens / rounds, seconds=runs))
     meta = dict(model=args.model, dtype=args.dtype, threads=torch.get_num_threads(), windows=args.windows,
                 repeats=args.repeats, hidden_tokens=tokens, load_average=os.getloadavg(), commit=_commit())
     out = Path(args.out)
@@ -88,7 +91,7 @@ def main() -> None:
     lines = [f"{args.model} ({args.dtype}), {meta['threads']} thread, {args.windows} WikiText-2 windows of 128 tokens, "
              f"95% hidden ({tokens} tokens), {args.repeats} repeats, medians; commit {meta['commit']}; load average "
              f"after the run {meta['load_average'][0]:.2f} / {meta['load_average'][1]:.2f}", "",
-             "| configuration | tokens/s | vs sequential, same repeat | passes/token | tokens/round |", "|---|---|---|---|---|"]
+             "| configuration | tokens/s | vs sequential, same window and repeat | passes/token | tokens/round |", "|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['vs_sequential']:.2f}× | {r['passes_per_token']:.3f} | "
               f"{r['tokens_per_round']:.2f} |" for r in rows]
     (out / "wallclock.md").write_text("\n".join(lines) + "\n")
