@@ -215,17 +215,7 @@ def test_block_verified_assd_matches_exact_joint(model, options, k, temperature)
 
 @pytest.mark.parametrize("draft", ["self", "ngram"])
 def test_block_verified_assd_with_top_k_top_p_matches_exact_joint(model, draft):
-    def truncate(logits):  # the reference's top-k 4, then top-p 0.8 at T = 0.8, as TargetDistribution does
-        x = logits / 0.8
-        kth = torch.topk(x, 4, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, -float("inf"))
-        sorted_x, idx = torch.sort(x, dim=-1, descending=True)
-        p = torch.softmax(sorted_x, -1)
-        drop = (p.cumsum(-1) - p) >= 0.8
-        return x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), -float("inf"))
-
-    hidden = torch.nonzero(MASKED).flatten().tolist()
-    joint = exact_joint(model, INPUT, MASKED, hidden, transform=truncate)
+    joint = top_k_top_p_joint(model, INPUT, MASKED)
     result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), draft=draft, k=3,
                     temperature=0.8, top_k=4, top_p=0.8, seed=stable_seed("block-top", draft),
                     verification="block", bonus=True)
@@ -257,6 +247,20 @@ def test_one_pass_block_verification_carries_exactly(small_model, long_joint, op
                     one_pass=True, seed=stable_seed("one-pass-block", *options.items()), **options)
     _, p = g_test(draws(result, LONG_MASKED), long_joint)
     assert p > ALPHA, f"{options}: G-test p={p:.2e}"
+
+
+def top_k_top_p_joint(model, input_ids, masked, temperature=0.8, top_k=4, top_p=0.8):
+    """The exact joint under top-k, then top-p, at a temperature, as TargetDistribution applies them."""
+    def truncate(logits):
+        x = logits / temperature
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, -float("inf"))
+        sorted_x, idx = torch.sort(x, dim=-1, descending=True)
+        p = torch.softmax(sorted_x, -1)
+        drop = (p.cumsum(-1) - p) >= top_p
+        return x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), -float("inf"))
+
+    return exact_joint(model, input_ids, masked, torch.nonzero(masked).flatten().tolist(), transform=truncate)
 
 
 def greedy_case():

@@ -27,11 +27,10 @@ from asarm.errors import InputError
 from asarm.model import NO_KEY
 from asarm.sampling import sample, verification
 from asarm.sampling.config import DecodeConfig
-from asarm.sampling.target import draw
-from asarm.sampling.target import residual as target_residual
+from asarm.sampling.target import draw, residual as target_residual
 from conftest import tiny_model
 from exact import exact_joint, g_test, stable_seed
-from test_block_verification import LONG_INPUT, LONG_MASKED, SMALL, greedy_case
+from test_block_verification import LONG_INPUT, LONG_MASKED, SMALL, greedy_case, top_k_top_p_joint
 from test_draft_head import random_head
 from test_exactness import INPUT, MASKED, draws, reference
 
@@ -237,16 +236,7 @@ def test_multi_draft_over_several_rounds_matches_exact_joint(small_model, option
 
 
 def test_multi_draft_with_top_k_top_p_matches_exact_joint(model):
-    def truncate(logits):  # top-k 4, then top-p 0.8 at T = 0.8, as TargetDistribution does
-        x = logits / 0.8
-        kth = torch.topk(x, 4, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, -float("inf"))
-        sorted_x, idx = torch.sort(x, dim=-1, descending=True)
-        p = torch.softmax(sorted_x, -1)
-        drop = (p.cumsum(-1) - p) >= 0.8
-        return x.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), -float("inf"))
-
-    joint = exact_joint(model, INPUT, MASKED, torch.nonzero(MASKED).flatten().tolist(), transform=truncate)
+    joint = top_k_top_p_joint(model, INPUT, MASKED)
     result = sample(model, INPUT.repeat(N_SAMPLES, 1), MASKED.repeat(N_SAMPLES, 1), draft="head", k=3, branches=2,
                     temperature=0.8, top_k=4, top_p=0.8, bonus=True, seed=stable_seed("branches-top"))
     _, p = g_test(draws(result, MASKED), joint)
