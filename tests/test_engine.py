@@ -180,7 +180,8 @@ def _rows(model, count, length=9, seed=0):
 
 @pytest.mark.parametrize("config", [DecodeConfig(k=3), DecodeConfig(k=3, one_pass=True, adaptive_k=True),
                                     DecodeConfig("assd", "ngram", 2, bonus=True), DecodeConfig("sequential"),
-                                    DecodeConfig(k=4, cache=False)])
+                                    DecodeConfig(k=4, cache=False), DecodeConfig(k=3, branches=2, bonus=True),
+                                    DecodeConfig(k=3, one_pass=True, branches=3)])
 def test_row_result_is_the_same_alone_in_a_batch_or_joining_late(config):
     model = tiny_model(seed=2)
     ids, masked = _rows(model, 6)
@@ -253,8 +254,9 @@ def test_sample_accepts_a_config_and_keywords_alike():
 
 def test_rows_with_different_targets_share_an_engine_and_keep_their_results():
     model = tiny_model(seed=2)
-    ids, masked = _rows(model, 3)
-    configs = [DecodeConfig(k=3), DecodeConfig(k=3, greedy=True), DecodeConfig(k=2, temperature=0.5, top_k=3)]
+    ids, masked = _rows(model, 5)
+    configs = [DecodeConfig(k=3), DecodeConfig(k=3, greedy=True), DecodeConfig(k=2, temperature=0.5, top_k=3),
+               DecodeConfig(k=3, branches=3), DecodeConfig(k=4, one_pass=True, branches=2)]  # chains and trees in one pass
     engine = Engine(model)
     handles = [engine.add(ids[b], masked[b], c, seed=b) for b, c in enumerate(configs)]
     engine.run()
