@@ -338,6 +338,18 @@ def test_train_draft_resumes_an_interrupted_run(tmp_path, monkeypatch):
     assert json.loads((out / "draft_head.json").read_text())["trained"]["steps"] == 4
 
 
+def test_init_from_a_shipped_models_name_takes_its_head():
+    from asarm.checkpoint import load_model
+    from asarm.storage import SHIPPED_DIR
+    from asarm.train.draft import initial_head
+
+    model = load_model("asarm-en-small", dtype="fp32")
+    head, source = initial_head(model, "asarm-en-small", None)
+    shipped = load_head(SHIPPED_DIR / "asarm-en-small", model.config).state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in head.state_dict().items())
+    assert source["head"] == str(SHIPPED_DIR / "asarm-en-small") and source["steps"] > 0
+
+
 def test_train_draft_init_from_starts_from_a_saved_head(tmp_path, capsys, monkeypatch):
     """--init-from: the new run's head starts with the saved head's weights (what the optimizer is
     built on, before any step), trains on from them, and its json names where it came from."""

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..draft_head import HEAD_CONFIG, HEAD_WEIGHTS, DraftHead, DraftHeadConfig, has_head, head_readout, load_head, save_head
 from ..errors import CheckpointError, InputError
 from ..ranks import key_ranks, training_ranks
+from ..storage import SHIPPED_DIR, shipped_models
 
 STATE = "draft_head.train.pt"  # resumable state, beside the head while training
 DEFAULT_D_HIDDEN = 384
@@ -162,10 +163,13 @@ def _save_state(out: Path, head, optimizer, step: int, elapsed: float, generator
 
 
 def initial_head(model, init_from, d_hidden: int | None) -> tuple[DraftHead, dict]:
-    """The head saved in ``init_from`` (checked against ``model`` by ``load_head``) to train on,
+    """The head saved in ``init_from`` (a directory, or a shipped model's name: its own head;
+    checked against ``model`` by ``load_head``) to train on,
     and what the new head's json records about it: its directory and, where its json says, the
     steps and minutes it was already trained."""
     directory = Path(init_from)
+    if not directory.is_dir() and str(init_from) in shipped_models():  # a shipped model's own head
+        directory = SHIPPED_DIR / str(init_from)
     if not has_head(directory):
         raise InputError(f"--init-from {directory}: no draft head there (no {HEAD_WEIGHTS}); give a directory "
                          "that `asarm train-draft` saved a head into")
@@ -323,7 +327,8 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     p.add_argument("--init-from", default=None, metavar="DIR", help="start from the draft head saved in DIR "
-                   "(e.g. the model's directory) instead of an untrained one, to train a finished head longer; "
+                   "(e.g. the model's directory, or a shipped model's name: its head) instead of an untrained one, "
+                   "to train a finished head longer; "
                    "a fresh optimizer and schedule (a lower --lr suits a warm start)")
     add_threads_argument(p)
     p.set_defaults(func=run_train_draft)
