@@ -245,10 +245,10 @@ def verify_tree(trunk_probs: list[float], candidates: list[int], proposal: torch
     bonus distribution [V] or None). ``uniforms``: one per continuation, one per later draft,
     one for the next token.
 
-    Exact: the kept second token follows ``target`` (``recursive_rejection``); given it, the
-    chosen continuation's later drafts were drawn from their proposals given that token alone
-    (the choice looked only at second tokens and the picking uniforms), so token-by-token
-    verification of them is exact as in a one-chain round."""
+    Exact: the token kept at the branch position follows ``target`` (``recursive_rejection``);
+    given it, the chosen continuation's later drafts were drawn from their proposals given that
+    token alone (the choice looked only at the branch position's drafts and the picking
+    uniforms), so token-by-token verification of them is exact as in a one-chain round."""
     n = len(candidates)
     picked, rest = recursive_rejection(target, proposal, candidates, uniforms[:n])
     u_next = torch.tensor(uniforms[-1], dtype=torch.float64, device=target.device)
